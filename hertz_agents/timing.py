@@ -1,0 +1,21 @@
+"""The model's clock, defined once.
+
+hertz-dev's codec turns 2000 samples of 16 kHz mono audio (125 ms) into one
+32-dim latent; the transformer takes one step per latent, 8 steps a second.
+Everything that needs these numbers imports them from here.
+"""
+
+SAMPLE_RATE = 16_000
+"""Audio sample rate the codec works at, in Hz."""
+
+SAMPLES_PER_STEP = 2_000
+"""Samples in one codec frame, one model step (125 ms at 16 kHz)."""
+
+STEPS_PER_SECOND = SAMPLE_RATE // SAMPLES_PER_STEP
+"""Model steps per second of audio (8)."""
+
+STEP_SECONDS = SAMPLES_PER_STEP / SAMPLE_RATE
+"""Duration of one step in seconds (0.125)."""
+
+LATENT_DIM = 32
+"""Width of one codec latent."""

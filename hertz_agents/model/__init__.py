@@ -1,0 +1,1 @@
+"""hertz_agents.model"""

@@ -1,0 +1,8 @@
+import sys
+from pathlib import Path
+
+import torch
+
+# Tests import helpers such as tests/reference.py as top-level modules.
+sys.path.insert(0, str(Path(__file__).parent))
+torch.set_num_threads(min(2, torch.get_num_threads()))

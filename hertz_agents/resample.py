@@ -1,0 +1,232 @@
+"""Live input to model steps: stateful resampling, re-chunking, and the two joined (``StepInput``).
+
+Callers send audio at any rate in any frame size; the model eats 16 kHz mono in blocks of
+``SAMPLES_PER_STEP``. ``StreamResampler`` keeps soxr's filter state between frames, so frame
+boundaries leave no clicks and the output equals resampling the whole signal at once (tested to
+float32 precision). soxr also compensates its filter's phase delay, so output sample ``k`` lines up
+with input time ``k / out_rate`` exactly as in a one-shot resample.
+
+Latency: soxr works in blocks, so it holds back some output until enough input has arrived;
+``delay_samples`` says how much (in output samples) at any moment. Measured with soxr 1.1 at HQ,
+fed 10 ms frames: 48 kHz or 44.1 kHz -> 16 kHz holds 6-37 ms (mean 21 ms); 8 kHz -> 16 kHz holds
+12-115 ms (mean 64 ms); equal rates hold nothing. ``quality="LQ"`` roughly halves these.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import soxr
+
+from hertz_agents.audio import (
+    RESAMPLE_QUALITY,
+    check_channels,
+    check_sample_rate,
+    mix_to_mono,
+    to_float32,
+)
+from hertz_agents.errors import AudioInputError
+from hertz_agents.timing import SAMPLE_RATE, SAMPLES_PER_STEP
+
+
+class StreamResampler:
+    """Stateful streaming resampler (soxr) for float32 audio ``[n]`` or ``[n, channels]``.
+
+    Args:
+        in_rate: Input rate in Hz.
+        out_rate: Output rate in Hz. Equal rates pass audio through untouched.
+        channels: Channels per frame.
+        quality: soxr quality: ``"QQ"``, ``"LQ"``, ``"MQ"``, ``"HQ"`` (default) or ``"VHQ"``.
+    """
+
+    def __init__(self, in_rate: int, out_rate: int, channels: int = 1, *, quality: str = RESAMPLE_QUALITY):
+        self.in_rate = check_sample_rate(in_rate, "in_rate")
+        self.out_rate = check_sample_rate(out_rate, "out_rate")
+        self.channels = check_channels(channels)
+        self.quality = quality
+        self._stream: soxr.ResampleStream | None = None
+        if self.in_rate != self.out_rate:
+            self._stream = soxr.ResampleStream(
+                self.in_rate, self.out_rate, channels, dtype="float32", quality=quality
+            )
+
+    @property
+    def delay_samples(self) -> float:
+        """Output samples soxr holds back right now (they come out with later input or ``flush``)."""
+        return 0.0 if self._stream is None else float(self._stream.delay())
+
+    def _check(self, x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x, dtype=np.float32)
+        ok = (x.ndim == 2 and x.shape[1] == self.channels) or (x.ndim == 1 and self.channels == 1)
+        if not ok:
+            want = "[n] or [n, 1]" if self.channels == 1 else f"[n, {self.channels}]"
+            raise AudioInputError(f"StreamResampler({self.channels} ch) takes {want}, got shape {x.shape}.")
+        return np.ascontiguousarray(x)
+
+    def process(self, x: np.ndarray) -> np.ndarray:
+        """Resample the next frame; returns the output that is ready, with the same number of dims.
+
+        Args:
+            x: float32 ``[n]`` (mono) or ``[n, channels]``; any ``n``, including 0.
+        """
+        x = self._check(x)
+        if self._stream is None:
+            return x.copy()
+        return self._stream.resample_chunk(x)
+
+    def flush(self) -> np.ndarray:
+        """End the signal: return the held-back output and reset, ready for a fresh signal.
+
+        Returns float32 ``[n]`` for a mono resampler, ``[n, channels]`` otherwise.
+        """
+        empty_shape = (0,) if self.channels == 1 else (0, self.channels)
+        if self._stream is None:
+            return np.zeros(empty_shape, dtype=np.float32)
+        tail = self._stream.resample_chunk(np.zeros(empty_shape, dtype=np.float32), last=True)
+        self._stream.clear()
+        return tail
+
+    def reset(self) -> None:
+        """Drop held-back output and filter history (start of a new, unrelated signal)."""
+        if self._stream is not None:
+            self._stream.clear()
+
+
+class Rechunker:
+    """Cuts a stream of float32 ``[n]`` arrays of any length into blocks of exactly ``size`` samples.
+
+    Args:
+        size: Samples per block (``SAMPLES_PER_STEP`` for model steps).
+    """
+
+    def __init__(self, size: int = SAMPLES_PER_STEP):
+        if not isinstance(size, int) or size < 1:
+            raise ValueError(f"Rechunker size must be a positive int, got {size!r}.")
+        self.size = size
+        self._buf = np.zeros(size, dtype=np.float32)  # the partial block, [size]
+        self._fill = 0
+
+    @property
+    def pending(self) -> int:
+        """Samples received that do not yet make a whole block."""
+        return self._fill
+
+    def push(self, x: np.ndarray) -> list[np.ndarray]:
+        """Add samples; return every block completed by them, oldest first (each a new array)."""
+        x = np.asarray(x, dtype=np.float32)
+        if x.ndim != 1:
+            raise AudioInputError(f"Rechunker takes mono [n] arrays, got shape {x.shape}.")
+        blocks: list[np.ndarray] = []
+        i = 0
+        if self._fill:
+            take = min(self.size - self._fill, x.shape[0])
+            self._buf[self._fill : self._fill + take] = x[:take]
+            self._fill += take
+            i = take
+            if self._fill < self.size:
+                return blocks
+            blocks.append(self._buf.copy())
+            self._fill = 0
+        while x.shape[0] - i >= self.size:
+            blocks.append(x[i : i + self.size].copy())
+            i += self.size
+        rest = x.shape[0] - i
+        self._buf[:rest] = x[i:]
+        self._fill = rest
+        return blocks
+
+    def flush(self, *, pad: bool = True) -> np.ndarray | None:
+        """Return the partial block (zero-padded to ``size`` unless ``pad=False``) and empty; None if none."""
+        if not self._fill:
+            return None
+        out = self._buf.copy() if pad else self._buf[: self._fill].copy()
+        if pad:
+            out[self._fill :] = 0.0
+        self._fill = 0
+        return out
+
+    def clear(self) -> None:
+        """Drop the partial block."""
+        self._fill = 0
+
+
+class StepInput:
+    """Caller PCM in, model steps out: validate, mix to mono, resample to 16 kHz, cut into steps.
+
+    Example::
+
+        steps = StepInput(48000, channels=2)
+        for block in steps.push(frame_bytes):   # float32 [SAMPLES_PER_STEP] each
+            ...
+
+    Args:
+        sample_rate: Rate of the audio that will be pushed, in Hz.
+        channels: Interleaved channels of the pushed audio (mixed to mono by averaging).
+        quality: soxr quality (see ``StreamResampler``).
+    """
+
+    def __init__(self, sample_rate: int, channels: int = 1, *, quality: str = RESAMPLE_QUALITY):
+        self.channels = channels
+        self.quality = quality
+        self._resampler = StreamResampler(sample_rate, SAMPLE_RATE, 1, quality=quality)
+        self._chunker = Rechunker(SAMPLES_PER_STEP)
+
+    @property
+    def sample_rate(self) -> int:
+        """Rate of the pushed audio, in Hz."""
+        return self._resampler.in_rate
+
+    @property
+    def pending(self) -> int:
+        """16 kHz samples waiting for a whole step (not counting ``delay_samples``)."""
+        return self._chunker.pending
+
+    @property
+    def delay_samples(self) -> float:
+        """16 kHz samples the resampler holds back right now."""
+        return self._resampler.delay_samples
+
+    def push(
+        self,
+        pcm: bytes | bytearray | memoryview | np.ndarray,
+        *,
+        sample_rate: int | None = None,
+        channels: int | None = None,
+    ) -> list[np.ndarray]:
+        """Add caller audio; return the model steps it completes (float32 ``[SAMPLES_PER_STEP]``).
+
+        Args:
+            pcm: int16 bytes, or an int16/float array ``[n]`` or ``[n, channels]`` (see ``to_float32``).
+            sample_rate: The audio's rate if it changed since the last push. A change ends the
+                previous stream (its resampler tail is kept) and starts a new resampler.
+            channels: The audio's channel count if it changed.
+
+        Raises:
+            AudioInputError: bad audio (see ``to_float32``) or a non-positive rate.
+        """
+        rate = self.sample_rate if sample_rate is None else check_sample_rate(sample_rate)
+        frames = to_float32(pcm, self.channels if channels is None else channels)  # [n, channels]
+        if channels is not None:
+            self.channels = channels
+        steps: list[np.ndarray] = []
+        if rate != self.sample_rate:
+            steps += self._chunker.push(self._resampler.flush())
+            self._resampler = StreamResampler(rate, SAMPLE_RATE, 1, quality=self.quality)
+        mono = mix_to_mono(frames)  # [n]; mixed first, so only one channel is resampled
+        steps += self._chunker.push(self._resampler.process(mono))
+        return steps
+
+    def flush(self) -> list[np.ndarray]:
+        """End of input: return the remaining steps, the last one zero-padded to a whole step."""
+        steps = self._chunker.push(self._resampler.flush())
+        last = self._chunker.flush(pad=True)
+        if last is not None:
+            steps.append(last)
+        return steps
+
+    def reset(self) -> None:
+        """Forget everything pushed so far (a new caller, or after a barge-in that discards input)."""
+        self._resampler.reset()
+        self._chunker.clear()
+
+
+__all__ = ["Rechunker", "StepInput", "StreamResampler"]

@@ -52,8 +52,10 @@ class Rotary(nn.Module):
 
     def __init__(self, head_dim: int, max_len: int, theta: float) -> None:
         super().__init__()
-        freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-        angles = torch.outer(torch.arange(max_len, dtype=torch.float32), freqs)
+        # Explicit CPU tensors: real values even when the model is built on the meta device.
+        steps = torch.arange(0, head_dim, 2, dtype=torch.float32, device="cpu")
+        freqs = 1.0 / (theta ** (steps / head_dim))
+        angles = torch.outer(torch.arange(max_len, dtype=torch.float32, device="cpu"), freqs)
         emb = torch.cat((angles, angles), dim=-1)  # [L, head_dim]
         self.register_buffer("cos", emb.cos(), persistent=False)
         self.register_buffer("sin", emb.sin(), persistent=False)

@@ -21,8 +21,9 @@ class FSQ(nn.Module):
         super().__init__()
         self.project_in = nn.Linear(dim, len(levels))
         self.project_out = nn.Linear(len(levels), dim)
-        self.register_buffer("levels", torch.tensor(levels, dtype=torch.int64), persistent=False)
-        basis = torch.cumprod(torch.tensor((1,) + tuple(levels[:-1]), dtype=torch.int64), dim=0)
+        # Explicit CPU tensors: real values even when the model is built on the meta device.
+        self.register_buffer("levels", torch.tensor(levels, dtype=torch.int64, device="cpu"), persistent=False)
+        basis = torch.cumprod(torch.tensor((1,) + tuple(levels[:-1]), dtype=torch.int64, device="cpu"), dim=0)
         self.register_buffer("basis", basis, persistent=False)
 
     def bound(self, z: Tensor, eps: float = 1e-3) -> Tensor:

@@ -50,7 +50,7 @@ class HertzAR(nn.Module):
         latents: Tensor,
         positions: Tensor | None = None,
         cache: KVCache | None = None,
-        rows: Tensor | None = None,
+        rows: int | slice | None = None,
         last_only: bool = False,
     ) -> tuple[Tensor, ...]:
         """Logits per channel. ``last_only`` projects only the last position (the step case)."""

@@ -57,7 +57,7 @@ class HertzModel(nn.Module):
         latents: Tensor,
         positions: Tensor,
         caches: Caches,
-        rows: Tensor | None,
+        rows: int | slice | None,
         sampling: SamplingTensors,
         generators: list[torch.Generator] | None = None,
     ) -> tuple[Tensor, Tensor]:

@@ -103,7 +103,7 @@ class Resynthesizer(nn.Module):
         next_tokens: Tensor | None,
         positions: Tensor | None = None,
         cache: KVCache | None = None,
-        rows: Tensor | None = None,
+        rows: int | slice | None = None,
         last_only: bool = False,
     ) -> list[GMMParams]:
         """``next_tokens`` [B, channels] (or None) -> a mixture per channel."""

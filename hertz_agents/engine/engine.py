@@ -1,0 +1,328 @@
+"""The engine: one model, a fixed number of session slots, and a worker thread that steps them.
+
+Sessions hand the engine complete 125 ms input steps (``SlotHandle.submit``) from any thread.
+The worker thread steps every session that has input in one batched tick, so asyncio code
+never waits on the model. Timing policy (see docs/engine.md):
+
+* a session steps as soon as it has a complete input step; sessions that become ready within
+  ``batch_window`` of each other share a tick;
+* if a session's input stalls for ``stall_timeout`` past the time its next step was due, the
+  engine steps it on silence so the model keeps its clock (a muted caller still hears the model);
+* if compute falls behind, the input backlog of a session is bounded (``max_input_backlog``
+  steps, the oldest dropped and counted), and queued steps run back to back until it is drained,
+  so a single slow tick adds latency only until the backlog is gone.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from hertz_agents.engine.prompt import PromptPrefill, build_prefill, load_prompt_audio, silence_latent
+from hertz_agents.engine.slots import SlotTable
+from hertz_agents.engine.stepper import Stepper
+from hertz_agents.errors import EngineFull, SessionClosed
+from hertz_agents.metrics import SessionMetrics
+from hertz_agents.model.hertz import HertzModel
+from hertz_agents.sampling import SamplingSettings, SamplingTensors
+from hertz_agents.timing import SAMPLES_PER_STEP, STEP_SECONDS
+
+log = logging.getLogger(__name__)
+
+OutputCallback = Callable[[np.ndarray, "StepInfo"], None]
+
+
+@dataclass
+class StepInfo:
+    """What the engine knows about one output step, passed with its audio."""
+
+    step: int
+    silence_input: bool
+    input_audio: np.ndarray | None  # the caller's step that was fed (None: silence was inserted)
+    queue_ms: float
+    compute_ms: float
+    input_complete: float  # monotonic time the input step was complete
+
+
+@dataclass
+class SlotHandle:
+    """The engine side of one conversation. ``submit`` and ``close`` are thread-safe."""
+
+    engine: Engine
+    slot: int
+    on_output: OutputCallback
+    sampling: SamplingSettings
+    generator: torch.Generator
+    metrics: SessionMetrics = field(default_factory=SessionMetrics)
+    inbox: deque = field(default_factory=deque)
+    next_due: float = field(default_factory=time.monotonic)
+    steps: int = 0
+    position: int = 0  # host mirror of the slot's position, so the tick needs no device sync
+    closed: bool = False
+    opened_at: float = field(default_factory=time.monotonic)
+
+    def submit(self, audio: np.ndarray, complete_at: float | None = None) -> None:
+        """Queue one input step (float32 [2000] at 16 kHz), complete at ``complete_at``."""
+        if self.closed:
+            raise SessionClosed("this session is closed; open a new one")
+        if audio.shape != (SAMPLES_PER_STEP,):
+            raise ValueError(f"an input step is {SAMPLES_PER_STEP} samples, got shape {audio.shape}")
+        self.inbox.append((audio, time.monotonic() if complete_at is None else complete_at))
+        while len(self.inbox) > self.engine.max_input_backlog:
+            self.inbox.popleft()
+            self.metrics.dropped_input_steps += 1
+        self.engine._wake()
+
+    def update_sampling(self, sampling: SamplingSettings) -> None:
+        self.sampling = sampling
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.engine._release(self)
+
+
+class Engine:
+    """Owns a two-channel model and steps up to ``max_sessions`` conversations in batches."""
+
+    def __init__(
+        self,
+        model: HertzModel,
+        *,
+        max_sessions: int = 8,
+        context: int | None = None,
+        keep: int | None = None,
+        batch_window: float = 0.004,
+        stall_timeout: float = 2 * STEP_SECONDS,
+        max_input_backlog: int = 4,
+    ) -> None:
+        if model.config.codec.hop != SAMPLES_PER_STEP:
+            raise ValueError(f"the codec's hop is {model.config.codec.hop}, the engine needs {SAMPLES_PER_STEP}")
+        self.model = model
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        limit = min(model.config.ar.seq_len, model.config.resynthesizer.seq_len)
+        self.context = min(context or limit, limit)
+        self.keep = keep or (self.context * 3) // 4
+        self.max_sessions = max_sessions
+        self.batch_window, self.stall_timeout = batch_window, stall_timeout
+        self.max_input_backlog = max_input_backlog
+        self.table = SlotTable(model, max_sessions, self.context, self.device, self.dtype)
+        self.stepper = Stepper(model, self.table, self.keep)
+        self.silence = silence_latent(model, self.device, self.dtype)
+        self._scratch_generator = torch.Generator(device=self.device)
+        self._handles: list[SlotHandle | None] = [None] * max_sessions
+        self._prompts: dict[tuple, PromptPrefill] = {}
+        self._lock = threading.Lock()
+        self._commands: deque[tuple[Callable[[], None], Future]] = deque()
+        self._wakeup = threading.Event()
+        self._stall_next_tick = 0.0
+        self.ticks = 0
+        self.tick_sizes: deque[int] = deque(maxlen=4096)
+        self._running = True
+        self._thread = threading.Thread(target=self._run, name="hertz-engine", daemon=True)
+        self._thread.start()
+
+    # -- sessions ---------------------------------------------------------------------------
+    @property
+    def active_sessions(self) -> int:
+        return sum(h is not None for h in self._handles)
+
+    def load(self) -> float:
+        """Share of slots in use, 0..1 (for LiveKit's ``load_fnc`` and the server)."""
+        return self.active_sessions / self.max_sessions
+
+    def bytes_per_session(self) -> int:
+        return self.table.bytes_per_slot()
+
+    def open(
+        self,
+        on_output: OutputCallback,
+        *,
+        sampling: SamplingSettings | None = None,
+        prompt: str | Path | np.ndarray | None = None,
+        seed: int | None = None,
+    ) -> SlotHandle:
+        """Take a free slot (blocking: a new prompt is prefilled here, once per engine)."""
+        if not self._running:
+            raise SessionClosed("the engine is closed")
+        prefill = self._prompt(prompt) if prompt is not None else None
+        generator = torch.Generator(device=self.device)
+        generator.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, ()).item()))
+        with self._lock:
+            free = [i for i, h in enumerate(self._handles) if h is None]
+            if not free:
+                raise EngineFull(
+                    f"all {self.max_sessions} session slots are in use; close a session, start the engine "
+                    f"with more max_sessions, or send this call to another worker or server"
+                )
+            handle = SlotHandle(self, free[0], on_output, sampling or SamplingSettings(), generator)
+            self._handles[free[0]] = handle  # reserved; the worker resets the slot before use
+        self._call(lambda: self._reset_slot(handle, prefill))
+        return handle
+
+    def _prompt(self, prompt: str | Path | np.ndarray) -> PromptPrefill:
+        if isinstance(prompt, (str, Path)):
+            stat = Path(prompt).stat()
+            key: tuple = ("file", str(Path(prompt).resolve()), stat.st_mtime_ns, stat.st_size)
+        else:
+            arr = np.ascontiguousarray(prompt, dtype=np.float32)
+            key = ("array", arr.shape, hash(arr.tobytes()))
+        with self._lock:
+            cached = self._prompts.get(key)
+        if cached is None:
+            audio = load_prompt_audio(prompt, max_steps=self.keep)
+            cached = build_prefill(self.model, audio, self.device, self.dtype)
+            with self._lock:
+                self._prompts[key] = cached
+        return cached
+
+    def _reset_slot(self, handle: SlotHandle, prefill: PromptPrefill | None) -> None:
+        self.table.reset(handle.slot, self.silence)
+        handle.position = 0
+        if prefill is not None:
+            prefill.apply(self.table, handle.slot)
+            handle.position = prefill.steps - 1
+        handle.next_due = time.monotonic() + STEP_SECONDS
+
+    def _release(self, handle: SlotHandle) -> None:
+        with self._lock:
+            if self._handles[handle.slot] is handle:
+                self._handles[handle.slot] = None
+        self._wake()
+
+    # -- worker thread ----------------------------------------------------------------------
+    def _call(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` on the worker thread between ticks and wait for it."""
+        if threading.current_thread() is self._thread:
+            fn()
+            return
+        future: Future = Future()
+        self._commands.append((fn, future))
+        self._wake()
+        future.result()
+
+    def _wake(self) -> None:
+        self._wakeup.set()
+
+    def inject_stall(self, seconds: float) -> None:
+        """Fault injection for tests and drills: the next tick takes ``seconds`` longer."""
+        self._stall_next_tick = seconds
+
+    def _run(self) -> None:
+        torch.set_grad_enabled(False)
+        while self._running:
+            while self._commands:
+                fn, future = self._commands.popleft()
+                try:
+                    fn()
+                    future.set_result(None)
+                except BaseException as e:  # handed to the caller's thread
+                    future.set_exception(e)
+            ready, timeout = self._ready_handles()
+            if not ready:
+                self._wakeup.wait(timeout)
+                self._wakeup.clear()
+                continue
+            if self.batch_window > 0 and len(ready) < self.active_sessions:
+                time.sleep(self.batch_window)  # let sessions a few ms behind join this tick
+                ready, _ = self._ready_handles()
+            try:
+                self._tick(self._take_inputs(ready))
+            except Exception:  # never let one bad tick kill the engine thread
+                log.exception("engine tick failed; the sessions in it get no output for this step")
+
+    def _ready_handles(self) -> tuple[list[SlotHandle], float]:
+        """Sessions with a complete input step or a stalled input; and how long to sleep if none."""
+        now = time.monotonic()
+        ready = []
+        timeout = 0.05
+        for h in list(self._handles):
+            if h is None or h.closed:
+                continue
+            if h.inbox:
+                ready.append(h)
+            else:
+                deadline = h.next_due + self.stall_timeout
+                if now >= deadline:
+                    ready.append(h)
+                else:
+                    timeout = min(timeout, deadline - now)
+        return ready, max(timeout, 0.001)
+
+    @staticmethod
+    def _take_inputs(ready: list[SlotHandle]) -> list[tuple[SlotHandle, np.ndarray | None, float]]:
+        picked = []
+        for h in ready:
+            if h.inbox:
+                audio, complete = h.inbox.popleft()
+                picked.append((h, audio, complete))
+            else:
+                picked.append((h, None, h.next_due))
+        return picked
+
+    def _tick(self, ready: list[tuple[SlotHandle, np.ndarray | None, float]]) -> None:
+        start = time.monotonic()
+        if self._stall_next_tick:
+            time.sleep(self._stall_next_tick)
+            self._stall_next_tick = 0.0
+        rows = max(h.slot for h, _, _ in ready) + 1
+        for h, _, _ in ready:
+            if h.position >= self.context:
+                self.stepper.rollover(h.slot)
+                h.position = self.keep
+        audio = np.zeros((rows, SAMPLES_PER_STEP), dtype=np.float32)
+        active = torch.zeros(rows, dtype=torch.bool)
+        settings = [SamplingSettings()] * rows
+        generators = [self._scratch_generator] * rows
+        for h, samples, _ in ready:
+            if samples is not None:
+                audio[h.slot] = samples
+            active[h.slot] = True
+            settings[h.slot] = h.sampling
+            generators[h.slot] = h.generator
+        out = self.stepper.tick(
+            rows,
+            active.to(self.device),
+            torch.from_numpy(audio).to(self.device),
+            SamplingTensors.from_settings(settings, self.device),
+            generators,
+        )
+        out_np = out.float().cpu().numpy()
+        done = time.monotonic()
+        compute_ms = (done - start) * 1000
+        self.ticks += 1
+        self.tick_sizes.append(len(ready))
+        for h, samples, complete in ready:
+            silence = samples is None
+            h.next_due = (h.next_due if silence else max(h.next_due, complete)) + STEP_SECONDS
+            info = StepInfo(h.steps, silence, samples, max(0.0, (start - complete) * 1000), compute_ms, complete)
+            h.steps += 1
+            h.position += 1
+            latency_ms = (time.monotonic() - complete) * 1000
+            h.metrics.record_step(compute_ms, info.queue_ms, latency_ms, silence)
+            if h.metrics.ttfa_ms is None:
+                h.metrics.ttfa_ms = (done - h.opened_at) * 1000
+            try:
+                h.on_output(out_np[h.slot].copy(), info)
+            except Exception:
+                log.exception("a session's output callback failed; closing that session")
+                h.close()
+
+    def close(self) -> None:
+        """Stop the worker thread; every open session is closed."""
+        for h in list(self._handles):
+            if h is not None:
+                h.close()
+        self._running = False
+        self._wake()
+        self._thread.join(timeout=5)

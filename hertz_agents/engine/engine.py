@@ -127,6 +127,7 @@ class Engine:
         self._wakeup = threading.Event()
         self._stall_next_tick = 0.0
         self.ticks = 0
+        self.rollovers = 0
         self.tick_sizes: deque[int] = deque(maxlen=4096)
         self._running = True
         self._thread = threading.Thread(target=self._run, name="hertz-engine", daemon=True)
@@ -280,6 +281,7 @@ class Engine:
             if h.position >= self.context:
                 self.stepper.rollover(h.slot)
                 h.position = self.keep
+                self.rollovers += 1
         audio = np.zeros((rows, SAMPLES_PER_STEP), dtype=np.float32)
         active = torch.zeros(rows, dtype=torch.bool)
         settings = [SamplingSettings()] * rows

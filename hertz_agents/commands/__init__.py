@@ -1,0 +1,1 @@
+"""The ``hertz-agents`` subcommands, one module each."""

@@ -1,0 +1,110 @@
+"""DuplexSession: any input format in, audio at the asked rate out, live settings, recording, stalls."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from hertz_agents.checkpoint import load_model
+from hertz_agents.engine import Engine
+from hertz_agents.errors import AudioInputError, SessionClosed
+from hertz_agents.session import DuplexSession
+from hertz_agents.timing import SAMPLE_RATE, SAMPLES_PER_STEP, STEP_SECONDS
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir):
+    eng = Engine(load_model(tiny_model_dir, device="cpu"), max_sessions=3, context=256, stall_timeout=0.25)
+    yield eng
+    eng.close()
+
+
+def _tone(seconds: float, rate: int) -> np.ndarray:
+    t = np.arange(int(seconds * rate)) / rate
+    return (0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)
+
+
+async def _read(session: DuplexSession, n: int, timeout: float = 60) -> list:
+    return [await asyncio.wait_for(session.read(), timeout) for _ in range(n)]
+
+
+async def test_int16_48k_stereo_frames_in_24k_out(engine, tmp_path):
+    record = tmp_path / "call.wav"
+    session = await DuplexSession.open(engine, output_sample_rate=24000, record_path=record, seed=1)
+    stereo = np.stack([_tone(1.0, 48000)] * 2, axis=1)
+    pcm = (stereo * 32767).astype(np.int16)
+    for start in range(0, len(pcm), 480):  # 10 ms frames of interleaved int16 bytes
+        await session.push_audio(pcm[start : start + 480].tobytes(), 48000, channels=2)
+    chunks = await _read(session, 8)
+    await session.close()
+    assert [c.step for c in chunks] == list(range(8))
+    assert all(c.sample_rate == 24000 for c in chunks)
+    total = sum(len(c.audio) for c in chunks)
+    # 8 steps of 125 ms at 24 kHz, less what the streaming resampler still holds back.
+    assert 8 * 3000 - 600 <= total <= 8 * 3000
+    audio, rate = sf.read(record)
+    assert rate == SAMPLE_RATE and audio.shape[1] == 2
+    assert audio.shape[0] >= 8 * SAMPLES_PER_STEP
+    assert np.abs(audio[:, 0]).max() > 0.1  # the caller's tone is in the left channel
+
+
+async def test_bad_audio_is_rejected_and_the_session_goes_on(engine):
+    session = await DuplexSession.open(engine, seed=2)
+    bad = _tone(0.2, SAMPLE_RATE)
+    bad[5] = np.nan
+    with pytest.raises(AudioInputError):
+        await session.push_audio(bad, SAMPLE_RATE)
+    with pytest.raises((AudioInputError, ValueError)):
+        await session.push_audio(_tone(0.2, SAMPLE_RATE), 0)
+    await session.push_audio(_tone(0.25, SAMPLE_RATE), SAMPLE_RATE)
+    chunks = await _read(session, 2)
+    assert len(chunks) == 2
+    await session.close()
+    with pytest.raises(SessionClosed):
+        await session.push_audio(_tone(0.1, SAMPLE_RATE), SAMPLE_RATE)
+
+
+async def test_sampling_changes_live_and_is_validated(engine):
+    session = await DuplexSession.open(engine, seed=3)
+    settings = session.update_sampling(token_temp=0.5, top_p=0.9)
+    assert session.sampling == settings and settings.top_p == 0.9
+    with pytest.raises(ValueError, match="top_p"):
+        session.update_sampling(top_p=1.5)
+    assert session.sampling.top_p == 0.9
+    await session.close()
+
+
+async def test_closing_frees_the_slot_and_ends_iteration(engine):
+    before = engine.active_sessions
+    session = await DuplexSession.open(engine)
+    assert engine.active_sessions == before + 1
+    await session.close()
+    assert engine.active_sessions == before
+    assert [c async for c in session] == []
+
+
+async def test_latency_recovers_after_a_500ms_stall(engine):
+    """A single 500 ms step backs input up; the backlog drains and latency returns to its level."""
+    session = await DuplexSession.open(engine, seed=4)
+    step = _tone(STEP_SECONDS, SAMPLE_RATE)
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+
+    async def realtime_caller(steps: int) -> None:
+        for i in range(steps):
+            await asyncio.sleep(max(0.0, start + i * STEP_SECONDS - loop.time()))
+            if i == 12:
+                engine.inject_stall(0.5)
+            session.push_audio_nowait(step, SAMPLE_RATE)
+
+    caller = asyncio.create_task(realtime_caller(40))
+    await _read(session, 40, timeout=120)
+    await caller
+    latency = session.metrics.recent_latency_ms(40)
+    await session.close()
+    before, stalled, after = latency[4:12], latency[12:16], latency[-10:]
+    assert max(stalled) > 400  # the stall really happened
+    assert np.median(after) <= np.median(before) + 60, (before, after)

@@ -63,7 +63,8 @@ def run_decode(args: argparse.Namespace) -> int:
     try:
         latents = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as e:
-        raise AudioInputError(f"cannot read {path} as a .npy array ({e}); give the output of `hertz-agents encode`")
+        hint = "give the output of `hertz-agents encode`"
+        raise AudioInputError(f"cannot read {path} as a .npy array ({e}); {hint}") from e
     model = load(args)
     dim = model.config.codec.latent_dim
     if latents.ndim != 2 or latents.shape[1] != dim or latents.shape[0] == 0:

@@ -1,0 +1,258 @@
+"""HertzDuplexService in Pipecat pipelines (pipecat.tests.utils.run_test), with the tiny real model.
+
+The identity engine (a fake model, see test_pipecat_support) appears only where a test needs the
+model's output to follow its input.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import numpy as np
+import pytest
+
+pytest.importorskip("pipecat", reason="the Pipecat adapter needs `pip install 'hertz-agents[pipecat]'`")
+
+from pipecat.frames.frames import (  # noqa: E402
+    ErrorFrame,
+    InputAudioRawFrame,
+    InterruptionFrame,
+    MetricsFrame,
+    ServiceUpdateSettingsFrame,
+    SpeechOutputAudioRawFrame,
+    TextFrame,
+    UserStoppedSpeakingFrame,
+)
+from pipecat.metrics.metrics import ProcessingMetricsData, TTFBMetricsData  # noqa: E402
+from pipecat.pipeline.pipeline import Pipeline  # noqa: E402
+from pipecat.pipeline.worker import PipelineParams  # noqa: E402
+from pipecat.tests.utils import SleepFrame, run_test  # noqa: E402
+from pipecat_hertz import HertzDuplexService, HertzDuplexSettings  # noqa: E402
+from test_pipecat_support import (  # noqa: E402
+    Probe,
+    feed_realtime,
+    identity_engine,
+    run_pipeline,
+    speech_like,
+    to_pcm16,
+)
+
+from hertz_agents.engine import load_engine  # noqa: E402
+from hertz_agents.timing import SAMPLE_RATE, STEP_SECONDS  # noqa: E402
+
+FRAME_S = 0.02
+
+
+def caller_frames(seconds: float, rate: int = SAMPLE_RATE, seed: int = 0) -> list:
+    """Speech-like caller audio as 20 ms InputAudioRawFrames, paced with SleepFrames."""
+    audio = speech_like(seconds, rate, seed=seed)
+    step = int(rate * FRAME_S)
+    frames: list = []
+    for i in range(0, len(audio) - step + 1, step):
+        frames += [InputAudioRawFrame(to_pcm16(audio[i : i + step]), rate, 1), SleepFrame(FRAME_S)]
+    return frames
+
+
+def audio_of(frames) -> list[SpeechOutputAudioRawFrame]:
+    return [f for f in frames if isinstance(f, SpeechOutputAudioRawFrame)]
+
+
+class SessionSpy(Probe):
+    """Remembers every session the service had while audio flowed (sessions end with the pipeline)."""
+
+    def __init__(self, service: HertzDuplexService) -> None:
+        super().__init__(SpeechOutputAudioRawFrame)
+        self.service, self.sessions = service, []
+
+    async def process_frame(self, frame, direction):
+        session = self.service.session
+        if session is not None and (not self.sessions or self.sessions[-1] is not session):
+            self.sessions.append(session)
+        await super().process_frame(frame, direction)
+
+
+async def test_caller_audio_in_model_speech_out_at_pipeline_rate_other_frames_pass(tiny_model_dir):
+    service = HertzDuplexService(model=tiny_model_dir)
+    frames = caller_frames(1.5)
+    frames.insert(10, TextFrame("passes through"))
+    down, up = await run_test(
+        service, frames_to_send=frames, start_timeout=30, pipeline_params=PipelineParams(audio_out_sample_rate=24000)
+    )
+    speech = audio_of(down)
+    assert not any(isinstance(f, InputAudioRawFrame) for f in down), "caller audio is consumed, not passed on"
+    assert [f.text for f in down if isinstance(f, TextFrame)] == ["passes through"]
+    assert speech, "the model produced no audio"
+    assert {f.sample_rate for f in speech} == {24000} and {f.num_channels for f in speech} == {1}
+    assert max(f.num_frames for f in speech) == int(24000 * 0.02), "frames are at most 20 ms"
+    assert not any(f.interruptible for f in speech), "full duplex: transports must not drop model audio"
+    # One step of audio per input step (the output resampler may still hold a few ms).
+    heard_steps = int(1.5 / STEP_SECONDS)
+    played = sum(f.num_frames for f in speech) / 24000
+    assert (heard_steps - 2) * STEP_SECONDS <= played <= (heard_steps + 3) * STEP_SECONDS
+    assert not [f for f in up if isinstance(f, ErrorFrame)]
+
+
+async def test_audio_passthrough_pushes_caller_audio_on(tiny_model_dir):
+    service = HertzDuplexService(model=tiny_model_dir, audio_passthrough=True)
+    frames = caller_frames(0.5)
+    down, _ = await run_test(service, frames_to_send=frames, start_timeout=30)
+    sent = sum(isinstance(f, InputAudioRawFrame) for f in frames)
+    assert sum(isinstance(f, InputAudioRawFrame) for f in down) == sent
+
+
+async def test_interruption_passes_through_and_the_model_keeps_talking(tiny_model_dir):
+    service = HertzDuplexService(model=tiny_model_dir)
+    frames = caller_frames(1.0) + [InterruptionFrame()] + caller_frames(1.0, seed=1)
+    down, _ = await run_test(service, frames_to_send=frames, start_timeout=30)
+    cut = next(i for i, f in enumerate(down) if isinstance(f, InterruptionFrame))
+    after = sum(f.num_frames for f in audio_of(down[cut:])) / SAMPLE_RATE
+    assert after >= 5 * STEP_SECONDS, f"only {after:.2f} s of model audio after the interruption"
+
+
+async def test_settings_update_changes_sampling_while_running(tiny_model_dir):
+    service = HertzDuplexService(model=tiny_model_dir)
+    spy = SessionSpy(service)
+    update = ServiceUpdateSettingsFrame(delta=HertzDuplexSettings(token_temp=0.3, top_p=0.9, gate_threshold_db=-50))
+    frames = caller_frames(0.5) + [update] + caller_frames(0.5)
+    await run_test(Pipeline([service, spy]), frames_to_send=frames, start_timeout=30)
+    sampling = spy.sessions[-1].sampling
+    assert (sampling.token_temp, sampling.top_p, sampling.categorical_temp) == (0.3, 0.9, 0.5)
+    assert service.settings.token_temp == 0.3 and service.settings.gate_threshold_db == -50
+
+
+async def test_legacy_mapping_update_targeted_at_the_service(tiny_model_dir):
+    service = HertzDuplexService(model=tiny_model_dir)
+    spy = SessionSpy(service)
+    update = ServiceUpdateSettingsFrame(settings={"temperature": 0.5}, service=service)
+    await run_test(
+        Pipeline([service, spy]), frames_to_send=caller_frames(0.3) + [update] + caller_frames(0.5), start_timeout=30
+    )
+    assert spy.sessions[-1].sampling.token_temp == 0.5
+
+
+async def test_invalid_settings_are_reported_and_not_applied(tiny_model_dir):
+    service = HertzDuplexService(model=tiny_model_dir)
+    bad = ServiceUpdateSettingsFrame(delta=HertzDuplexSettings(top_p=2.0))
+    frames = caller_frames(0.5) + [bad] + caller_frames(1.0)
+    down, up = await run_test(service, frames_to_send=frames, start_timeout=30)
+    errors = [f for f in up if isinstance(f, ErrorFrame)]
+    assert len(errors) == 1 and "top_p" in errors[0].error
+    assert service.settings.top_p is None
+    cut = next(i for i, f in enumerate(down) if isinstance(f, SpeechOutputAudioRawFrame))
+    assert len(audio_of(down[cut:])) > 10, "the service keeps running after a bad update"
+
+
+def test_invalid_initial_settings_fail_at_construction(tiny_model_dir):
+    with pytest.raises(ValueError, match="token_temp"):
+        HertzDuplexService(model=tiny_model_dir, settings=HertzDuplexSettings(token_temp=-1.0))
+
+
+async def test_prompt_change_restarts_the_conversation(tiny_model_dir, tmp_path):
+    import soundfile as sf
+
+    prompt = tmp_path / "prompt.wav"
+    sf.write(prompt, speech_like(1.0, SAMPLE_RATE, seed=3), SAMPLE_RATE)
+    service = HertzDuplexService(model=tiny_model_dir)
+    spy = SessionSpy(service)
+    update = ServiceUpdateSettingsFrame(delta=HertzDuplexSettings(prompt=str(prompt)))
+    down, up = await run_test(
+        Pipeline([service, spy]), start_timeout=30, frames_to_send=caller_frames(0.5) + [update] + caller_frames(1.0)
+    )
+    assert len(spy.sessions) == 2 and spy.sessions[0].closed
+    assert not [f for f in up if isinstance(f, ErrorFrame)]
+
+
+async def test_metrics_report_ttfb_and_processing_time_per_step(tiny_model_dir):
+    service = HertzDuplexService(model=tiny_model_dir)
+    down, _ = await run_test(
+        service,
+        frames_to_send=caller_frames(1.5),
+        start_timeout=30,
+        pipeline_params=PipelineParams(enable_metrics=True, send_initial_empty_metrics=False),
+    )
+    data = [d for f in down if isinstance(f, MetricsFrame) for d in f.data]
+    ttfb = [d.value for d in data if isinstance(d, TTFBMetricsData) and d.processor == service.name]
+    processing = [d.value for d in data if isinstance(d, ProcessingMetricsData) and d.processor == service.name]
+    assert len(ttfb) == 1 and STEP_SECONDS - 0.03 <= ttfb[0] < 2.0, ttfb  # at least one step of input
+    assert len(processing) >= int(1.5 / STEP_SECONDS) - 3
+    assert all(0 <= p < 2.0 for p in processing)
+
+
+async def test_ttfb_after_the_user_stops_speaking_ends_when_the_model_speaks(tiny_model_dir):
+    engine = identity_engine(tiny_model_dir)  # the model echoes: it "answers" when the caller speaks
+    try:
+        service = HertzDuplexService(model=engine)
+        quiet = [InputAudioRawFrame(bytes(640), SAMPLE_RATE, 1), SleepFrame(FRAME_S)] * 25
+        frames = quiet + [UserStoppedSpeakingFrame()] + quiet + caller_frames(1.0)
+        down, _ = await run_test(
+            service,
+            frames_to_send=frames,
+            start_timeout=30,
+            pipeline_params=PipelineParams(enable_metrics=True, send_initial_empty_metrics=False),
+        )
+        ttfb = [
+            d.value
+            for f in down
+            if isinstance(f, MetricsFrame)
+            for d in f.data
+            if isinstance(d, TTFBMetricsData) and d.processor == service.name
+        ]
+        # First audio (silence, from the first input step), then the reply: after the 0.5 s pause
+        # and the onset of the caller's speech.
+        assert len(ttfb) == 2 and ttfb[1] >= 0.5, ttfb
+    finally:
+        engine.close()
+
+
+async def test_missing_model_is_reported_and_the_pipeline_still_runs(tmp_path):
+    service = HertzDuplexService(model=tmp_path / "no-such-model")
+    down, up = await run_test(service, frames_to_send=caller_frames(0.2) + [TextFrame("still here")], start_timeout=30)
+    errors = [f for f in up if isinstance(f, ErrorFrame)]
+    assert len(errors) == 1 and "no-such-model" in errors[0].error
+    assert [f.text for f in down if isinstance(f, TextFrame)] == ["still here"]
+    assert not service.is_usable
+
+
+async def test_bad_caller_audio_is_reported_not_fatal(tiny_model_dir):
+    service = HertzDuplexService(model=tiny_model_dir)
+    odd = InputAudioRawFrame(b"\x00\x01\x02", SAMPLE_RATE, 1)  # half a sample
+    down, up = await run_test(service, frames_to_send=caller_frames(0.3) + [odd] + caller_frames(1.0), start_timeout=30)
+    errors = [f for f in up if isinstance(f, ErrorFrame)]
+    assert len(errors) == 1 and "even length" in errors[0].error
+    assert len(audio_of(down)) > 20
+
+
+async def test_preload_then_pipelines_share_one_engine_and_batch_their_steps(tiny_model_dir):
+    engine = await HertzDuplexService.preload(tiny_model_dir)
+    assert engine is load_engine(tiny_model_dir)
+    services = [HertzDuplexService(model=tiny_model_dir) for _ in range(2)]
+    ticks_before = len(engine.tick_sizes)
+    started = time.monotonic()
+
+    async def call(service, seed):
+        async def feed(worker):
+            await feed_realtime(worker, speech_like(1.5, SAMPLE_RATE, seed=seed), SAMPLE_RATE)
+            await asyncio.sleep(0.3)
+
+        await run_pipeline([service, Probe()], feed)
+
+    await asyncio.gather(call(services[0], 0), call(services[1], 1))
+    assert time.monotonic() - started < 10
+    assert all(s._backend is engine for s in services)
+    sizes = list(engine.tick_sizes)[ticks_before:]
+    assert sizes.count(2) >= len(sizes) // 4, f"steps of the two calls were not batched: {sizes}"
+
+
+async def test_interleaved_frame_sizes_and_rates_are_accepted(tiny_model_dir):
+    service = HertzDuplexService(model=tiny_model_dir, sample_rate=16000)
+    audio = speech_like(1.0, 48000)
+    frames = []
+    i = 0
+    for size in [480, 960, 123, 2000, 441] * 12:
+        frames += [InputAudioRawFrame(to_pcm16(audio[i : i + size]), 48000, 1), SleepFrame(size / 48000)]
+        i += size
+    down, up = await run_test(service, frames_to_send=frames, start_timeout=30)
+    assert not [f for f in up if isinstance(f, ErrorFrame)]
+    assert {f.sample_rate for f in audio_of(down)} == {16000}
+    assert np.isclose(sum(f.num_frames for f in audio_of(down)) / 16000, i / 48000, atol=3 * STEP_SECONDS)

@@ -1,0 +1,250 @@
+"""Shared helpers for the Pipecat tests (this module holds no tests).
+
+Fakes here, and why they are needed:
+
+- ``identity_engine``: the real ``Engine`` (worker thread, batching, stall and backlog policy)
+  whose network is replaced by the identity (each step's output is its input). The tiny model
+  makes noise unrelated to its input, so only an echo lets a test find which output belongs to
+  which input and measure latency by correlation.
+- ``FakeSpeaker``: a Pipecat output transport that plays into a clock instead of a sound card,
+  recording what it played and when. Pipecat's own output logic (chunking, bot-speaking
+  detection, interruptions) runs unchanged above it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections.abc import Awaitable, Callable, Sequence
+
+import numpy as np
+from pipecat.frames.frames import EndFrame, Frame, InputAudioRawFrame
+from pipecat.observers.base_observer import BaseObserver, FramePushed
+from pipecat.pipeline.pipeline import Pipeline
+from pipecat.pipeline.worker import PipelineParams, PipelineWorker
+from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
+from pipecat.transports.base_output import BaseOutputTransport
+from pipecat.transports.base_transport import TransportParams
+from pipecat.workers.runner import WorkerRunner
+
+from hertz_agents.checkpoint import load_model
+from hertz_agents.engine import Engine
+from hertz_agents.timing import SAMPLE_RATE, SAMPLES_PER_STEP, STEP_SECONDS
+
+ENVELOPE_HOP_S = 0.005
+
+
+def identity_engine(model_dir, *, compute_s: float = 0.0, max_sessions: int = 2) -> Engine:
+    """A real Engine whose model is replaced by the identity (a fake: see the module docstring)."""
+    engine = Engine(load_model(model_dir), max_sessions=max_sessions)
+
+    def echo(rows, active, audio, sampling, generators):
+        if compute_s:
+            time.sleep(compute_s)
+        return audio[:rows].clone()
+
+    engine.stepper.tick = echo  # type: ignore[method-assign]
+    return engine
+
+
+def speech_like(
+    seconds: float, rate: int, *, seed: int = 0, level_db: float = -20.0, gap_level_db: float | None = None
+) -> np.ndarray:
+    """Syllable-like bursts of a harmonic tone with random pitch and length, and random gaps.
+
+    The random structure makes the envelope unique, so a delayed copy is found unambiguously.
+    ``gap_level_db`` fills the gaps with faint noise at that level (None: digital silence).
+    """
+    rng = np.random.default_rng(seed)
+    n = int(seconds * rate)
+    out = np.zeros(n, dtype=np.float64)
+    if gap_level_db is not None:
+        out += rng.standard_normal(n) * 10 ** (gap_level_db / 20)
+    gain = 10 ** (level_db / 20) * np.sqrt(2)
+    i = int(rng.uniform(0.05, 0.2) * rate)
+    while i < n:
+        length = min(int(rng.uniform(0.08, 0.25) * rate), n - i)
+        t = np.arange(length) / rate
+        f0 = rng.uniform(100, 220) * (1 + 0.05 * np.sin(2 * np.pi * 5 * t))
+        phase = 2 * np.pi * np.cumsum(f0) / rate
+        tone = sum(np.sin(k * phase) / k for k in range(1, 12) if k * 220 < 0.45 * rate)
+        ramp = np.minimum(1.0, np.minimum(t, t[::-1]) / 0.01)
+        burst = tone * ramp
+        out[i : i + length] = burst / (np.sqrt(np.mean(burst**2)) + 1e-9) * gain / np.sqrt(2)
+        i += length + int(rng.uniform(0.05, 0.3) * rate)
+    return out.astype(np.float32)
+
+
+def to_pcm16(x: np.ndarray) -> bytes:
+    return (np.clip(x, -1, 1 - 1 / 32768) * 32768).astype("<i2").tobytes()
+
+
+def from_pcm16(b: bytes) -> np.ndarray:
+    return np.frombuffer(b, dtype="<i2").astype(np.float32) / 32768
+
+
+def envelope(x: np.ndarray, rate: int) -> np.ndarray:
+    """Log RMS per ``ENVELOPE_HOP_S`` block."""
+    hop = int(rate * ENVELOPE_HOP_S)
+    blocks = x[: len(x) // hop * hop].reshape(-1, hop)
+    return np.log(np.sqrt(np.mean(blocks.astype(np.float64) ** 2, axis=1)) + 1e-4)
+
+
+def timeline(pieces: Sequence[tuple[float, np.ndarray]], t0: float, seconds: float, rate: int) -> np.ndarray:
+    """Place (start time, samples) pieces on one signal that starts at ``t0``."""
+    out = np.zeros(int(seconds * rate) + rate, dtype=np.float32)
+    for start, samples in pieces:
+        i = int(round((start - t0) * rate))
+        if 0 <= i < len(out):
+            j = min(len(out), i + len(samples))
+            out[i:j] = samples[: j - i]
+    return out[: int(seconds * rate)]
+
+
+def delay_s(
+    sent: np.ndarray, received: np.ndarray, rate: int, *, start_s: float, end_s: float, max_delay_s: float = 1.5
+) -> tuple[float, float]:
+    """Delay of ``received`` behind ``sent`` within [start_s, end_s] of ``received``, by envelope
+    correlation; returns (delay in seconds, normalized correlation at the peak)."""
+    es, er = envelope(sent, rate), envelope(received, rate)
+    a, b = int(start_s / ENVELOPE_HOP_S), int(end_s / ENVELOPE_HOP_S)
+    window = er[a:b] - er[a:b].mean()
+    best, best_lag = -2.0, 0
+    for lag in range(0, int(max_delay_s / ENVELOPE_HOP_S)):
+        if a - lag < 0:
+            break
+        ref = es[a - lag : b - lag]
+        ref = ref - ref.mean()
+        c = float(np.dot(window, ref) / (np.linalg.norm(window) * np.linalg.norm(ref) + 1e-12))
+        if c > best:
+            best, best_lag = c, lag
+    return best_lag * ENVELOPE_HOP_S, best
+
+
+class FakeSpeaker(BaseOutputTransport):
+    """An output transport that plays into a real-time clock (a fake of a sound card).
+
+    ``played`` lists (monotonic start time, float32 samples) of every chunk, in playout order.
+    """
+
+    def __init__(self, params: TransportParams | None = None, **kwargs) -> None:
+        super().__init__(params or TransportParams(audio_out_enabled=True, audio_out_10ms_chunks=2), **kwargs)
+        self.played: list[tuple[float, np.ndarray]] = []
+        self._clock = 0.0
+
+    async def start(self, frame) -> None:
+        await super().start(frame)
+        await self.set_transport_ready(frame)
+
+    async def write_audio_frame(self, frame) -> bool:
+        start = max(self._clock, time.monotonic())  # an empty device starts at once
+        self.played.append((start, from_pcm16(frame.audio)))
+        self._clock = start + frame.num_frames / frame.sample_rate
+        # Like a device with a 10 ms buffer: the write returns as the chunk's end starts playing.
+        await asyncio.sleep(max(0.0, self._clock - 0.01 - time.monotonic()))
+        return True
+
+
+class Probe(FrameProcessor):
+    """Records (monotonic time, frame) of every frame of the given types going downstream."""
+
+    def __init__(self, *types: type[Frame]) -> None:
+        super().__init__(enable_direct_mode=True)
+        self.types = types or (Frame,)
+        self.seen: list[tuple[float, Frame]] = []
+
+    async def process_frame(self, frame: Frame, direction: FrameDirection) -> None:
+        await super().process_frame(frame, direction)
+        if direction == FrameDirection.DOWNSTREAM and isinstance(frame, self.types):
+            self.seen.append((time.monotonic(), frame))
+        await self.push_frame(frame, direction)
+
+
+class FrameLog(BaseObserver):
+    """Observer recording (monotonic time, frame) of frames of ``types`` pushed by ``source``."""
+
+    def __init__(self, source: FrameProcessor, *types: type[Frame]) -> None:
+        super().__init__()
+        self.source, self.types = source, types
+        self.frames: list[tuple[float, Frame]] = []
+        self._ids: set[int] = set()
+
+    async def on_push_frame(self, data: FramePushed) -> None:
+        if data.source is self.source and isinstance(data.frame, self.types) and data.frame.id not in self._ids:
+            self._ids.add(data.frame.id)
+            self.frames.append((time.monotonic(), data.frame))
+
+
+async def run_pipeline(
+    processors: list[FrameProcessor],
+    feed: Callable[[PipelineWorker], Awaitable[None]],
+    *,
+    params: PipelineParams | None = None,
+    observers: list[BaseObserver] | None = None,
+) -> None:
+    """Run ``processors`` as a pipeline; ``feed(worker)`` queues frames, then the pipeline ends."""
+    worker = PipelineWorker(
+        Pipeline(processors), params=params or PipelineParams(), observers=observers or [], cancel_on_idle_timeout=False
+    )
+    started = asyncio.Event()
+
+    @worker.event_handler("on_pipeline_started")
+    async def _started(_worker, _frame):
+        started.set()
+
+    async def drive() -> None:
+        await asyncio.wait_for(started.wait(), timeout=30)
+        await feed(worker)
+        await worker.queue_frame(EndFrame())
+
+    runner = WorkerRunner(handle_sigint=False)
+    await runner.add_workers(worker)
+    await asyncio.gather(runner.run(), drive())
+
+
+async def feed_realtime(
+    worker: PipelineWorker,
+    audio: np.ndarray,
+    rate: int,
+    *,
+    frame_s: float = 0.02,
+    on_frame: Callable[[int, float], None] | None = None,
+) -> float:
+    """Queue ``audio`` as InputAudioRawFrames on a real-time schedule; returns the start time."""
+    step = int(rate * frame_s)
+    t0 = time.monotonic()
+    for k, i in enumerate(range(0, len(audio) - step + 1, step)):
+        delay = t0 + k * frame_s - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        if on_frame is not None:
+            on_frame(k, time.monotonic())
+        await worker.queue_frame(InputAudioRawFrame(to_pcm16(audio[i : i + step]), rate, 1))
+    return t0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+__all__ = [
+    "SAMPLE_RATE",
+    "SAMPLES_PER_STEP",
+    "STEP_SECONDS",
+    "FakeSpeaker",
+    "FrameLog",
+    "Probe",
+    "delay_s",
+    "envelope",
+    "feed_realtime",
+    "free_port",
+    "from_pcm16",
+    "identity_engine",
+    "run_pipeline",
+    "speech_like",
+    "timeline",
+    "to_pcm16",
+]

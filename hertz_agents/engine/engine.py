@@ -91,6 +91,17 @@ class SlotHandle:
             self.engine._release(self)
 
 
+def compile_transformers(model: HertzModel) -> None:
+    """``torch.compile`` the AR trunk and resynthesizer in place (the engine owns its model).
+
+    A tick's shapes depend only on the number of rows, so each batch size compiles once; on CUDA
+    ``reduce-overhead`` mode captures CUDA graphs. Off by default: compiling takes minutes.
+    """
+    cuda = next(model.parameters()).device.type == "cuda"
+    for module in (model.ar, model.resynthesizer):
+        module.compile(mode="reduce-overhead" if cuda else "default", dynamic=False)
+
+
 class Engine:
     """Owns a two-channel model and steps up to ``max_sessions`` conversations in batches."""
 
@@ -104,10 +115,13 @@ class Engine:
         batch_window: float = 0.004,
         stall_timeout: float = 2 * STEP_SECONDS,
         max_input_backlog: int = 4,
+        compile: bool = False,
     ) -> None:
         if model.config.codec.hop != SAMPLES_PER_STEP:
             raise ValueError(f"the codec's hop is {model.config.codec.hop}, the engine needs {SAMPLES_PER_STEP}")
         self.model = model
+        if compile:
+            compile_transformers(model)
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         limit = min(model.config.ar.seq_len, model.config.resynthesizer.seq_len)

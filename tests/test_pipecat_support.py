@@ -162,7 +162,7 @@ class Probe(FrameProcessor):
 
 
 class FrameLog(BaseObserver):
-    """Observer recording (monotonic time, frame) of frames of ``types`` pushed by ``source``."""
+    """Observer recording (monotonic time, frame) of frames of ``types`` pushed downstream by ``source``."""
 
     def __init__(self, source: FrameProcessor, *types: type[Frame]) -> None:
         super().__init__()
@@ -171,7 +171,9 @@ class FrameLog(BaseObserver):
         self._ids: set[int] = set()
 
     async def on_push_frame(self, data: FramePushed) -> None:
-        if data.source is self.source and isinstance(data.frame, self.types) and data.frame.id not in self._ids:
+        if data.direction != FrameDirection.DOWNSTREAM or data.source is not self.source:
+            return
+        if isinstance(data.frame, self.types) and data.frame.id not in self._ids:
             self._ids.add(data.frame.id)
             self.frames.append((time.monotonic(), data.frame))
 

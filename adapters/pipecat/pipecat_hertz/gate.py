@@ -47,8 +47,7 @@ class SpeechGate:
         self._quiet_steps = 0
 
     def _decide(self, level_rms: float) -> bool:
-        if self.threshold_db is None:
-            return True
+        assert self.threshold_db is not None
         level_db = 20.0 * math.log10(level_rms) if level_rms > 0 else -math.inf
         if level_db >= self.threshold_db:
             self._quiet_steps = 0
@@ -67,6 +66,9 @@ class SpeechGate:
         Returns the audio to play: unchanged while open, zeros while closed, with ramps on the
         step where the gate changes state. ``is_open`` tells the state after this step.
         """
+        if self.threshold_db is None:
+            self.is_open = True
+            return audio
         was_open, self.is_open = self.is_open, self._decide(level_rms)
         if was_open and self.is_open:
             return audio

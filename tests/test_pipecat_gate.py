@@ -1,0 +1,107 @@
+"""The speech gate and the output pacer, alone and under Pipecat's own bot-speaking detection."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+pytest.importorskip("pipecat", reason="the Pipecat adapter needs `pip install 'hertz-agents[pipecat]'`")
+
+from pipecat.frames.frames import BotStartedSpeakingFrame, BotStoppedSpeakingFrame  # noqa: E402
+from pipecat.pipeline.worker import PipelineParams  # noqa: E402
+from pipecat_hertz import HertzDuplexService, HertzDuplexSettings, OutputPacer, SpeechGate  # noqa: E402
+from test_pipecat_support import FakeSpeaker, FrameLog, feed_realtime, identity_engine, run_pipeline  # noqa: E402
+
+from hertz_agents.timing import SAMPLE_RATE, SAMPLES_PER_STEP, STEP_SECONDS  # noqa: E402
+
+
+def step(level_db: float, n: int = SAMPLES_PER_STEP) -> tuple[np.ndarray, float]:
+    rms = 10 ** (level_db / 20)
+    return np.full(n, rms, dtype=np.float32), rms
+
+
+def test_gate_passes_speech_unchanged_and_zeroes_near_silence():
+    gate = SpeechGate(threshold_db=-45, hangover_steps=0)
+    quiet, quiet_rms = step(-60)
+    assert not gate.process(quiet, quiet_rms, SAMPLE_RATE).any() and not gate.is_open
+    loud, loud_rms = step(-20)
+    opened = gate.process(loud, loud_rms, SAMPLE_RATE)
+    assert gate.is_open and opened[0] == 0.0 and opened[-1] == loud[-1], "fades in, then passes"
+    assert np.array_equal(gate.process(loud, loud_rms, SAMPLE_RATE), loud)
+    closing = gate.process(quiet, quiet_rms, SAMPLE_RATE)
+    assert not gate.is_open and closing[0] == quiet[0] and not closing[100:].any(), "fades out, then zeros"
+
+
+def test_gate_hysteresis_and_hangover_keep_soft_word_endings():
+    gate = SpeechGate(threshold_db=-45, hysteresis_db=6, hangover_steps=1)
+    gate.process(*step(-20), SAMPLE_RATE)
+    gate.process(*step(-49), SAMPLE_RATE)  # below the threshold, within the hysteresis: stays open
+    assert gate.is_open
+    gate.process(*step(-70), SAMPLE_RATE)  # first quiet step: the hangover keeps it open
+    assert gate.is_open
+    gate.process(*step(-70), SAMPLE_RATE)
+    assert not gate.is_open
+    gate.process(*step(-49), SAMPLE_RATE)  # a closed gate needs the full threshold to open
+    assert not gate.is_open
+
+
+def test_gate_disabled_passes_everything():
+    gate = SpeechGate(threshold_db=None)
+    quiet, quiet_rms = step(-90)
+    assert np.array_equal(gate.process(quiet, quiet_rms, SAMPLE_RATE), quiet)
+
+
+def test_pacer_admits_jittery_steps_and_drops_a_burst():
+    pacer = OutputPacer(max_lead=0.1)
+    now, jitter = 0.0, [0.0, 0.045, -0.04, 0.03, -0.045, 0.0]
+    for k, j in enumerate(jitter):  # steps every 125 ms, up to 45 ms early or late
+        assert pacer.admit(STEP_SECONDS, now + k * STEP_SECONDS + j)
+    burst_at = 10.0  # a stall: four steps arrive at once
+    admitted = [pacer.admit(STEP_SECONDS, burst_at + 0.001 * i) for i in range(4)]
+    assert admitted == [True, False, False, False] and pacer.dropped_steps == 3
+    assert pacer.admit(STEP_SECONDS, burst_at + STEP_SECONDS), "the next regular step plays"
+
+
+async def speaking_events(tiny_model_dir, gate_db: float | None) -> tuple[int, int]:
+    """Bursts of speech separated by faint noise (-60 dBFS), echoed by the identity model into a
+    fake speaker; counts the bot-started/stopped events Pipecat's output transport sends while
+    the caller's audio is playing."""
+    engine = identity_engine(tiny_model_dir)
+    rng = np.random.default_rng(0)
+    t = np.arange(int(0.6 * SAMPLE_RATE)) / SAMPLE_RATE
+    burst = 0.1 * np.sin(2 * np.pi * 180 * t)
+    gap = 0.001 * rng.standard_normal(int(1.2 * SAMPLE_RATE))
+    audio = np.concatenate([gap[:4000], burst, gap, burst, gap, burst, gap]).astype(np.float32)
+    service = HertzDuplexService(model=engine, settings=HertzDuplexSettings(gate_threshold_db=gate_db))
+    speaker = FakeSpeaker()
+    log = FrameLog(speaker, BotStartedSpeakingFrame, BotStoppedSpeakingFrame)
+    ended = {}
+
+    async def feed(worker):
+        await feed_realtime(worker, audio, SAMPLE_RATE)
+        ended["at"] = asyncio.get_running_loop().time()
+
+    try:
+        await run_pipeline(
+            [service, speaker], feed, observers=[log], params=PipelineParams(audio_out_sample_rate=SAMPLE_RATE)
+        )
+    finally:
+        engine.close()
+    during = [f for t, f in log.frames if t <= ended["at"]]
+    return (
+        sum(isinstance(f, BotStartedSpeakingFrame) for f in during),
+        sum(isinstance(f, BotStoppedSpeakingFrame) for f in during),
+    )
+
+
+async def test_gated_model_starts_and_stops_speaking_with_its_bursts(tiny_model_dir):
+    started, stopped = await speaking_events(tiny_model_dir, gate_db=-45)
+    assert (started, stopped) == (3, 3)
+
+
+async def test_ungated_faint_noise_counts_as_speech_forever(tiny_model_dir):
+    """The control for the test above: without the gate the bot never stops speaking."""
+    started, stopped = await speaking_events(tiny_model_dir, gate_db=None)
+    assert (started, stopped) == (1, 0)

@@ -1,17 +1,20 @@
 """A local stand-in for the Hugging Face Hub's file endpoints, for tests that must not touch the network.
 
 It is a real HTTP server on 127.0.0.1 (a random free port, one thread per connection) that answers
-what ``huggingface_hub.hf_hub_download`` asks for (checked against huggingface_hub 2.4):
+what ``huggingface_hub.hf_hub_download``, ``get_hf_file_metadata`` and ``file_download.http_get`` ask
+for (checked against huggingface_hub 2.4):
 
 - ``HEAD /{repo_id}/resolve/{revision}/{filename}``: 200 with ``X-Repo-Commit`` (required by the
   client), ``ETag`` and ``X-Linked-Etag`` (sha256 of the content, like an LFS file), ``Content-Length``
   and ``X-Linked-Size``; a missing file gets 404 with ``X-Error-Code: EntryNotFound``.
 - ``GET`` of the same path: the bytes, honouring ``Range: bytes=N-`` (206 with ``Content-Range``),
-  which the client sends when it resumes an interrupted transfer.
+  which the client sends when it resumes an interrupted transfer. The ETag is the sha256 of the
+  content, so replacing a file's bytes in :attr:`FakeHub.files` changes its ETag, as on the Hub.
 - ``GET /api/models/{repo_id}`` and ``.../revision/{revision}``: a minimal model-info JSON.
 
 ``revision`` may be ``main`` or the fake commit hash. Every request is logged in :attr:`FakeHub.requests`,
-and :attr:`FakeHub.interrupt_after` cuts the next GET of a file short to simulate a dropped connection.
+and :attr:`FakeHub.interrupt_after` cuts the next GET (or GETs) of a file short to simulate a dropped
+connection.
 
 Example:
     >>> with FakeHub({"a.pt": b"..."}) as hub:
@@ -54,14 +57,17 @@ class FakeHub:
         files: The served content.
         requests: Every request received, in order.
         interrupt_after: File name -> byte count: the next GET of that file sends full headers,
-            then only that many body bytes, and drops the connection (one shot).
+            then only that many body bytes, and drops the connection (one shot). A list of byte counts
+            cuts that many GETs in a row, one count each: ``[100] + [0] * 9`` lets 100 bytes through,
+            then hangs up on the next nine attempts before any body byte (enough to exhaust the
+            client's retries, so the call fails).
     """
 
     def __init__(self, files: dict[str, bytes], repo_id: str = "si-pbc/hertz-dev") -> None:
         self.files = dict(files)
         self.repo_id = repo_id
         self.requests: list[LoggedRequest] = []
-        self.interrupt_after: dict[str, int] = {}
+        self.interrupt_after: dict[str, int | list[int]] = {}
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(self))
         self._server.daemon_threads = True
@@ -105,7 +111,13 @@ class FakeHub:
 
     def _take_interrupt(self, filename: str) -> int | None:
         with self._lock:
-            return self.interrupt_after.pop(filename, None)
+            cuts = self.interrupt_after.get(filename)
+            if not isinstance(cuts, list):
+                return self.interrupt_after.pop(filename, None)
+            cut = cuts.pop(0) if cuts else None
+            if not cuts:
+                del self.interrupt_after[filename]
+            return cut
 
 
 def unreachable_endpoint() -> str:

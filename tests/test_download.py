@@ -2,8 +2,9 @@
 
 The real Hub cannot be reached from tests (and its files are gigabytes), so the Hub is replaced by
 ``hf_fake_server.FakeHub``: a real HTTP server on 127.0.0.1 that answers like the Hub's file endpoints,
-driven by the real ``huggingface_hub.hf_hub_download``. The files are tiny torch state_dicts under the
-official names; their md5 differs from the official one, so tests pass their own via ``md5_overrides``.
+driven by the real ``huggingface_hub`` client (``get_hf_file_metadata`` and ``http_get``). The files
+are tiny torch state_dicts under the official names; their md5 differs from the official one, so tests
+pass their own via ``md5_overrides``.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from huggingface_hub import constants as hub_constants
 from huggingface_hub import file_download as hub_file_download
 from huggingface_hub.utils import _http as hub_http
 
-from hertz_agents.download import ChecksumError, DownloadError, download_variant
+from hertz_agents.download import PARTIAL_DIR, ChecksumError, DownloadError, download_variant
 from hertz_agents.registry import REPO_ID, VARIANTS, check_dir, get_variant, md5_file
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -96,7 +97,17 @@ def no_hub_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def _leftovers(root: Path) -> list[Path]:
-    return [p for p in root.rglob("*") if p.name.endswith(".incomplete")]
+    """Anything a finished or failed-and-cleaned download should not leave behind."""
+    return [p for p in root.rglob("*") if p.name.endswith(".incomplete") or PARTIAL_DIR in p.parts]
+
+
+def _fail_midway(hub: FakeHub, name: str, keep: int) -> None:
+    """Make the next download of ``name`` fail: ``keep`` bytes get through, then every retry is hung up on.
+
+    The client resets its retry count whenever it receives bytes, so the retries must get none for the
+    call to give up (after 1 + 5 attempts in huggingface_hub 2.4; 20 covers older counts too).
+    """
+    hub.interrupt_after[name] = [keep] + [0] * 20
 
 
 # --- registry ---------------------------------------------------------------------------------------
@@ -261,6 +272,92 @@ def test_interrupted_transfer_resumes_with_a_range_request(
     resumed_at = int(re.fullmatch(r"bytes=(\d+)-", ranges[1] or "").group(1))  # type: ignore[union-attr]
     assert 0 < resumed_at <= half
     assert (tmp_path / ar).read_bytes() == tiny_files[ar]
+
+
+@pytest.mark.usefixtures("no_hub_backoff")
+def test_download_that_failed_midway_resumes_on_the_next_run_with_a_range_request(
+    tmp_path: Path, tiny_files: dict[str, bytes], md5s: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(hub_constants, "DOWNLOAD_CHUNK_SIZE", 512)  # so a few-KB file can stop mid-way
+    v = get_variant(VARIANT)
+    ar = v.file("ar").name
+    half = len(tiny_files[ar]) // 2
+    part = tmp_path / PARTIAL_DIR / f"{ar}.part"
+    with FakeHub(tiny_files) as hub:
+        _fail_midway(hub, ar, half)
+        with pytest.raises(DownloadError) as info:
+            download_variant(VARIANT, tmp_path, endpoint=hub.endpoint, progress=False, md5_overrides=md5s)
+        assert info.value.filename == ar and "resumes" in str(info.value)
+        assert not (tmp_path / ar).exists()
+        kept = part.stat().st_size
+        assert 0 < kept <= half and part.read_bytes() == tiny_files[ar][:kept]
+
+        hub.interrupt_after.clear()
+        hub.requests.clear()
+        download_variant(VARIANT, tmp_path, endpoint=hub.endpoint, progress=False, md5_overrides=md5s)
+        assert [r.range for r in hub.gets()] == [f"bytes={kept}-"]  # only the rest of the one unfinished file
+        assert hub.gets()[0].path.endswith(f"/{ar}")
+    assert [s.state for s in check_dir(tmp_path, v.with_md5(md5s), md5=True)] == ["ok"] * 4
+    assert not _leftovers(tmp_path)
+
+
+@pytest.mark.usefixtures("no_hub_backoff")
+def test_partial_download_of_a_file_changed_on_the_hub_restarts_from_zero(
+    tmp_path: Path, tiny_files: dict[str, bytes], md5s: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(hub_constants, "DOWNLOAD_CHUNK_SIZE", 512)
+    ar = get_variant(VARIANT).file("ar").name
+    with FakeHub(tiny_files) as hub:
+        _fail_midway(hub, ar, len(tiny_files[ar]) // 2)
+        with pytest.raises(DownloadError):
+            download_variant(VARIANT, tmp_path, endpoint=hub.endpoint, progress=False, md5_overrides=md5s)
+        assert (tmp_path / PARTIAL_DIR / f"{ar}.part").stat().st_size > 0
+
+        hub.interrupt_after.clear()
+        hub.files[ar] = _tiny_state_dict_bytes(seed=1234)  # new bytes, so a new ETag
+        new_md5s = {**md5s, ar: hashlib.md5(hub.files[ar]).hexdigest()}
+        hub.requests.clear()
+        download_variant(VARIANT, tmp_path, endpoint=hub.endpoint, progress=False, md5_overrides=new_md5s)
+        assert [r.range for r in hub.gets(ar)] == [None]
+    assert (tmp_path / ar).read_bytes() == hub.files[ar]
+    assert not _leftovers(tmp_path)
+
+
+@pytest.mark.usefixtures("no_hub_backoff")
+def test_resumed_file_with_wrong_md5_is_deleted_so_the_next_run_starts_over(
+    tmp_path: Path, tiny_files: dict[str, bytes], md5s: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Bytes corrupted on disk between runs keep their etag, so only the md5 can catch them.
+    monkeypatch.setattr(hub_constants, "DOWNLOAD_CHUNK_SIZE", 512)
+    ar = get_variant(VARIANT).file("ar").name
+    part = tmp_path / PARTIAL_DIR / f"{ar}.part"
+    with FakeHub(tiny_files) as hub:
+        _fail_midway(hub, ar, len(tiny_files[ar]) // 2)
+        with pytest.raises(DownloadError):
+            download_variant(VARIANT, tmp_path, endpoint=hub.endpoint, progress=False, md5_overrides=md5s)
+        hub.interrupt_after.clear()
+        part.write_bytes(b"\0" * part.stat().st_size)
+        with pytest.raises(ChecksumError):
+            download_variant(VARIANT, tmp_path, endpoint=hub.endpoint, progress=False, md5_overrides=md5s)
+        assert not (tmp_path / ar).exists() and not _leftovers(tmp_path)
+        hub.requests.clear()
+        download_variant(VARIANT, tmp_path, endpoint=hub.endpoint, progress=False, md5_overrides=md5s)
+        assert [r.range for r in hub.gets()] == [None]
+    assert (tmp_path / ar).read_bytes() == tiny_files[ar]
+
+
+def test_verify_false_still_resumes_and_moves_the_file_into_place(tmp_path: Path, tiny_files: dict[str, bytes]) -> None:
+    ar = get_variant(VARIANT).file("ar").name
+    folder = tmp_path / PARTIAL_DIR
+    folder.mkdir()
+    sha = hashlib.sha256(tiny_files[ar]).hexdigest()
+    (folder / f"{ar}.part").write_bytes(tiny_files[ar][:1000])  # as a killed earlier run would leave it
+    (folder / f"{ar}.json").write_text(f'{{"etag": "{sha}", "size": {len(tiny_files[ar])}}}')
+    with FakeHub(tiny_files) as hub:
+        download_variant(VARIANT, tmp_path, endpoint=hub.endpoint, progress=False, verify=False)
+        assert [r.range for r in hub.gets(ar)] == ["bytes=1000-"]
+    assert (tmp_path / ar).read_bytes() == tiny_files[ar]
+    assert not _leftovers(tmp_path)
 
 
 def test_hf_endpoint_environment_variable_is_honoured(

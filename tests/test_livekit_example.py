@@ -49,6 +49,8 @@ def test_the_worker_runs_calls_in_threads_and_reports_engine_slots_as_its_load(m
 
 def test_flags_become_settings_and_the_rest_is_left_for_livekit(monkeypatch):
     example = import_example(monkeypatch)
+    for name in ("HERTZ_MODEL", "HERTZ_AGENT_NAME"):  # so the test's changes are undone after it
+        monkeypatch.setenv(name, "")
     rest = example.read_flags(["--model", "/ckpt/x", "--agent-name", "hertz", "start", "--log-level", "debug"])
     assert rest == ["start", "--log-level", "debug"]
     assert os.environ["HERTZ_MODEL"] == "/ckpt/x" and os.environ["HERTZ_AGENT_NAME"] == "hertz"

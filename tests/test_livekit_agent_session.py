@@ -123,6 +123,13 @@ def engine(tiny_model_dir):
     return load_engine(tiny_model_dir)
 
 
+@pytest.fixture(autouse=True)
+def every_slot_is_given_back(engine):
+    before = engine.active_sessions
+    yield
+    assert engine.active_sessions == before, "the test left a session open on the engine"
+
+
 @pytest.mark.parametrize("in_job", [False, True], ids=["plain", "fake_job_context"])
 async def test_every_model_sample_reaches_the_speaker_and_the_caller_never_cuts_it(engine, tmp_path, in_job):
     model = hertz.DuplexModel(model=engine, sample_rate=OUT_RATE, gate=QUIET, record_dir=tmp_path)
@@ -169,5 +176,5 @@ def test_three_concurrent_calls_in_three_job_threads_are_batched_into_one_engine
         assert "speaking" in states and cleared == 0
         assert metrics["steps"] >= 16
         assert sum(f.duration for f in out.frames) > 1.5
-    assert max(ticks) == 3
-    assert sum(size == 3 for size in ticks) >= len(ticks) // 2, f"tick sizes: {ticks}"
+    # (a tick can hold more rows than ours if another test left a session open on the engine)
+    assert sum(size >= 3 for size in ticks) >= len(ticks) // 2, f"tick sizes: {ticks}"

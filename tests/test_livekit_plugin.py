@@ -40,6 +40,13 @@ def engine(tiny_model_dir):
     return load_engine(tiny_model_dir)
 
 
+@pytest.fixture(autouse=True)
+def every_slot_is_given_back(engine):
+    before = engine.active_sessions
+    yield
+    assert engine.active_sessions == before, "the test left a session open on the engine"
+
+
 def _frames(audio: np.ndarray, rate: int, frame_ms: int) -> list[rtc.AudioFrame]:
     """float audio [n] or [n, channels] -> int16 LiveKit frames of ``frame_ms``."""
     audio = audio if audio.ndim == 2 else audio[:, None]
@@ -137,7 +144,9 @@ async def test_the_gate_is_tuned_to_the_models_own_quiet_level(engine, tiny_mode
     assert model._opts.gate.silence_rms == quiet  # measured once per engine, shared by every load
 
     # what the model produces while it hears nothing never opens the gate; speech well above it does
-    frames = [f.frame for f in await _collect(hertz.DuplexModel(model=engine).session(), 1.5)]
+    listening = hertz.DuplexModel(model=engine).session()
+    frames = [f.frame for f in await _collect(listening, 1.5)]
+    await listening.aclose()
     gate = model.audio_gate()
     assert isinstance(gate, llm.FixedGate)
     assert not any(gate.update(f) for f in frames)

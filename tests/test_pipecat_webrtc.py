@@ -1,0 +1,178 @@
+"""The WebRTC example bot (examples/pipecat_webrtc_bot.py) called by a real aiortc peer, on loopback.
+
+The client sends speech-like audio at 48 kHz through Opus, as a browser would, and records what
+comes back. With the tiny model it checks that the model's audio arrives, in real time, and that
+the bot heard the client (from the bot's call recording). With the identity engine (a fake model
+that echoes, see test_pipecat_support) it measures the round trip by correlating what was sent
+with what came back, and checks that a 500 ms stall of one step leaves no lasting delay.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fractions
+import importlib.util
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("pipecat", reason="the Pipecat adapter needs `pip install 'hertz-agents[pipecat]'`")
+aiortc = pytest.importorskip("aiortc", reason="the WebRTC tests need `pip install 'hertz-agents[dev]'`")
+
+import aiohttp  # noqa: E402
+import av  # noqa: E402
+import soundfile as sf  # noqa: E402
+import uvicorn  # noqa: E402
+from aiortc import MediaStreamTrack, RTCPeerConnection, RTCSessionDescription  # noqa: E402
+from aiortc.mediastreams import MediaStreamError  # noqa: E402
+from test_pipecat_support import delay_s, free_port, identity_engine, speech_like, timeline  # noqa: E402
+
+from hertz_agents.timing import SAMPLE_RATE, STEP_SECONDS  # noqa: E402
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "pipecat_webrtc_bot.py"
+RATE = 48000  # what browsers send and receive (Opus)
+PTIME = 0.02
+
+
+def load_example(path: Path):
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class SpeechTrack(MediaStreamTrack):
+    """A microphone that plays ``audio`` (48 kHz) in real time, then silence; logs what it sent."""
+
+    kind = "audio"
+
+    def __init__(self, audio: np.ndarray) -> None:
+        super().__init__()
+        self.audio, self.k, self.start = audio, 0, 0.0
+        self.sent: list[tuple[float, np.ndarray]] = []
+
+    async def recv(self) -> av.AudioFrame:
+        n = int(RATE * PTIME)
+        if self.k == 0:
+            self.start = time.monotonic()
+        await asyncio.sleep(max(0.0, self.start + self.k * PTIME - time.monotonic()))
+        chunk = np.zeros(n, dtype=np.float32)
+        piece = self.audio[self.k * n : (self.k + 1) * n]
+        chunk[: len(piece)] = piece
+        self.sent.append((time.monotonic(), chunk))
+        frame = av.AudioFrame.from_ndarray((chunk * 32767).astype(np.int16)[None, :], format="s16", layout="mono")
+        frame.sample_rate, frame.pts, frame.time_base = RATE, self.k * n, fractions.Fraction(1, RATE)
+        self.k += 1
+        return frame
+
+
+async def call(app_factory, audio: np.ndarray, seconds: float, during=None):
+    """Serve the example in-process, call it from aiortc for ``seconds``; returns what the client
+    sent and received as (time, samples) lists, and when the call started."""
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app_factory(), host="127.0.0.1", port=port, log_level="warning"))
+    serving = asyncio.create_task(server.serve())
+    while not server.started:  # noqa: ASYNC110 - uvicorn has no startup event to wait on
+        await asyncio.sleep(0.05)
+    pc, mic = RTCPeerConnection(), SpeechTrack(audio)
+    received: list[tuple[float, np.ndarray]] = []
+    readers: list[asyncio.Task] = []
+
+    async def read(track):
+        while True:
+            try:
+                frame = await track.recv()
+            except MediaStreamError:
+                return
+            samples = frame.to_ndarray().astype(np.float32).reshape(-1, len(frame.layout.channels)).mean(axis=1)
+            assert frame.sample_rate == RATE
+            received.append((time.monotonic(), samples / 32768))
+
+    pc.on("track", lambda track: readers.append(asyncio.create_task(read(track))))
+    pc.addTrack(mic)
+    try:
+        await pc.setLocalDescription(await pc.createOffer())
+        async with aiohttp.ClientSession() as http:
+            body = {"sdp": pc.localDescription.sdp, "type": pc.localDescription.type}
+            async with http.post(f"http://127.0.0.1:{port}/api/offer", json=body) as response:
+                assert response.status == 200, await response.text()
+                answer = await response.json()
+        await pc.setRemoteDescription(RTCSessionDescription(sdp=answer["sdp"], type=answer["type"]))
+        started = time.monotonic()
+        if during is not None:
+            await during()
+        await asyncio.sleep(seconds - (time.monotonic() - started))
+    finally:
+        await pc.close()
+        for reader in readers:
+            reader.cancel()
+        await asyncio.sleep(0.5)  # the bot sees the peer leave and ends its pipeline
+        server.should_exit = True
+        await serving
+    return mic.sent, received, started
+
+
+def loud(samples: np.ndarray) -> bool:
+    return float(np.sqrt(np.mean(samples**2))) > 0.01
+
+
+async def test_browser_like_peer_hears_the_model_in_real_time(tiny_model_dir, tmp_path):
+    bot = load_example(EXAMPLE)
+    audio = speech_like(6.0, RATE, seed=5)
+    records = tmp_path / "calls"
+    sent, received, started = await call(
+        lambda: bot.create_app(str(tiny_model_dir), record_dir=records), audio, seconds=4.0
+    )
+    assert received, "no audio track came back"
+    ended = received[-1][0]
+    first_loud = next(t for t, s in received if loud(s))
+    model_audio = sum(len(s) for t, s in received if t >= first_loud) / RATE
+    print(
+        f"\nfirst model audio {1000 * (first_loud - started):.0f} ms after the connection; "
+        f"{model_audio:.2f} s of audio in {ended - first_loud:.2f} s"
+    )
+    # The track delivers audio in real time: as much as the time that passed, give or take a packet.
+    assert abs(model_audio - (ended - first_loud)) <= 0.15
+    # And it is the model talking (the tiny model never goes quiet), not comfort silence.
+    loud_s = sum(len(s) for t, s in received if t >= first_loud and loud(s)) / RATE
+    assert loud_s >= 0.8 * (ended - first_loud)
+    # The bot heard the client: its recording's caller channel follows what the client sent.
+    (recording,) = records.glob("*.wav")
+    caller = sf.read(recording, dtype="float32")[0][:, 0]
+    sent_16k = np.concatenate([s for _, s in sent])[::3]  # 48 kHz -> 16 kHz is enough for an envelope
+    lag, corr = delay_s(sent_16k, caller, SAMPLE_RATE, start_s=1.0, end_s=len(caller) / SAMPLE_RATE - 0.3)
+    assert corr > 0.8, f"the bot's recording does not follow the client's audio (correlation {corr:.2f})"
+
+
+async def test_round_trip_latency_and_recovery_from_a_stall(tiny_model_dir):
+    engine = identity_engine(tiny_model_dir)
+    bot = load_example(EXAMPLE)
+    audio = speech_like(6.0, RATE, seed=6)
+
+    async def stall_at_2s():
+        async def stall():
+            await asyncio.sleep(2.0)
+            engine.inject_stall(0.5)
+
+        asyncio.get_running_loop().create_task(stall())
+
+    try:
+        sent, received, _ = await call(lambda: bot.create_app(engine), audio, seconds=5.5, during=stall_at_2s)
+    finally:
+        engine.close()
+    t0 = sent[0][0]
+    span = received[-1][0] - t0
+    mic = timeline(sent, t0, span, RATE)[::3]
+    # A received frame ends when it arrives: place it before its arrival time.
+    back = timeline([(t - len(s) / RATE, s) for t, s in received], t0, span, RATE)[::3]
+    before, c1 = delay_s(mic, back, SAMPLE_RATE, start_s=0.8, end_s=1.9)
+    after, c2 = delay_s(mic, back, SAMPLE_RATE, start_s=3.6, end_s=span - 0.2)
+    print(
+        f"\nround trip (browser-like peer -> bot -> peer, echo model): {before * 1000:.0f} ms before "
+        f"the stall, {after * 1000:.0f} ms after (correlation {c1:.2f}, {c2:.2f})"
+    )
+    assert min(c1, c2) > 0.7, "the echo was not found in what came back"
+    assert before <= STEP_SECONDS + 0.2, "round trip: one step of input plus transport and codecs"
+    assert after - before <= 0.05, "the stall left a lasting delay"

@@ -1,0 +1,506 @@
+"""Remote sessions: a hertz server used through the same backend seam as a local ``Engine``.
+
+``DuplexSession.open("hertz://gpu-1:8000")`` (or ``RemoteEngine.connect(url)`` passed as the
+engine) gives a session with the same API as a local one. Each session is one WebSocket to
+``/v1/session``; all of a process's sockets live on one background thread with its own event
+loop, so ``open`` may block (it runs in a worker thread), ``submit`` never does, and output
+arrives on that thread exactly as a local engine's arrives on its worker thread.
+
+URL: ``hertz://HOST:PORT[?token=T&tls=1&reconnect=N]``. The token may also come from the
+``token=`` argument or ``$HERTZ_TOKEN``; it is sent in the Authorization header, never in the URL.
+
+Reconnection: if the connection drops or the server drains (close code 1001), the session
+reconnects with backoff (:class:`ReconnectPolicy`) and continues on a fresh server session with
+the same prompt and settings; the model's memory of the call before the drop is lost, steps sent
+in the gap are counted as dropped. When every attempt fails the session ends with
+:class:`ServerGone`, which ``submit`` raises and ``on_closed`` receives.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import logging
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Coroutine, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import parse_qs, urlsplit
+
+import aiohttp
+import numpy as np
+
+from hertz_agents.errors import AudioInputError, EngineFull, HertzError, SessionClosed
+from hertz_agents.metrics import SessionMetrics
+from hertz_agents.sampling import SamplingSettings
+from hertz_agents.server import protocol as p
+from hertz_agents.server.auth import TOKEN_ENV
+from hertz_agents.timing import SAMPLE_RATE, SAMPLES_PER_STEP
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+SCHEME = "hertz://"
+OutputCallback = Callable[[np.ndarray, Any], None]
+
+
+class ServerUnavailable(HertzError, ConnectionError):
+    """No hertz server answers at the address, or it takes no sessions now (shutting down)."""
+
+
+class AuthenticationFailed(HertzError, PermissionError):
+    """The server refused the token."""
+
+
+class ServerGone(SessionClosed):
+    """A session lost its server and every reconnection attempt failed."""
+
+
+@dataclass(frozen=True)
+class ReconnectPolicy:
+    """How a session that loses its server tries again: ``attempts`` tries with doubling delays."""
+
+    attempts: int = 5
+    initial_delay: float = 0.2
+    max_delay: float = 2.0
+
+    def delays(self) -> Iterator[float]:
+        delay = self.initial_delay
+        for _ in range(self.attempts):
+            yield delay
+            delay = min(delay * 2, self.max_delay)
+
+
+@dataclass(frozen=True)
+class ServerAddress:
+    host: str
+    port: int
+    tls: bool = False
+    token: str | None = None
+
+    @classmethod
+    def parse(cls, url: str, token: str | None = None) -> tuple[ServerAddress, dict[str, str]]:
+        if not url.startswith(SCHEME):
+            raise ValueError(f"a remote engine URL looks like hertz://HOST:PORT, got {url!r}")
+        parts = urlsplit("http://" + url[len(SCHEME):])
+        query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+        if not parts.hostname:
+            raise ValueError(f"no host in {url!r}; use hertz://HOST:PORT")
+        tls = query.get("tls", "0").lower() in ("1", "true", "yes")
+        port = parts.port or (443 if tls else 8000)
+        token = token or query.get("token") or os.environ.get(TOKEN_ENV) or None
+        return cls(parts.hostname, port, tls, token), query
+
+    def url(self, path: str, websocket: bool = False) -> str:
+        scheme = ("wss" if self.tls else "ws") if websocket else ("https" if self.tls else "http")
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{scheme}://{host}:{self.port}{path}"
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"} if self.token else {}
+
+    def __str__(self) -> str:
+        return f"{SCHEME}{self.host}:{self.port}"
+
+
+class _IOThread:
+    """One event loop on a daemon thread for every remote socket of the process."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._http: aiohttp.ClientSession | None = None
+        self.thread = threading.Thread(target=self.loop.run_forever, name="hertz-remote-io", daemon=True)
+        self.thread.start()
+
+    def submit(self, coro: Coroutine[Any, Any, T]):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        if threading.current_thread() is self.thread:
+            raise RuntimeError("blocking remote calls cannot run on the remote I/O thread")
+        return self.submit(coro).result(timeout)
+
+    def call(self, fn: Callable[..., Any], *args: Any) -> None:
+        try:
+            self.loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # the loop is closed (interpreter exit)
+            pass
+
+    def http(self) -> aiohttp.ClientSession:
+        """The shared aiohttp session (only on the I/O thread)."""
+        if self._http is None or self._http.closed:
+            self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=10))
+        return self._http
+
+    def stop(self) -> None:
+        async def close() -> None:
+            if self._http is not None:
+                await self._http.close()
+
+        if self.loop.is_running():
+            try:
+                self.submit(close()).result(2)
+            except Exception:
+                pass
+            self.loop.call_soon_threadsafe(self.loop.stop)
+
+
+_io_thread: _IOThread | None = None
+_io_lock = threading.Lock()
+
+
+def _io() -> _IOThread:
+    global _io_thread
+    with _io_lock:
+        if _io_thread is None:
+            _io_thread = _IOThread()
+            atexit.register(_io_thread.stop)
+        return _io_thread
+
+
+def _unavailable(address: ServerAddress, e: BaseException) -> ServerUnavailable:
+    return ServerUnavailable(f"no hertz server answers at {address} ({type(e).__name__}: {e}); start one with "
+                             f"`hertz-agents serve --model MODEL --port {address.port}` or check the host and port")
+
+
+async def _fetch_info(address: ServerAddress, timeout: float) -> dict[str, Any]:
+    try:
+        async with _io().http().get(address.url(p.INFO_PATH), headers=address.headers,
+                                    timeout=aiohttp.ClientTimeout(total=timeout)) as r:
+            status = r.status
+            info = await r.json() if status == 200 else None
+    except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as e:
+        raise _unavailable(address, e) from e
+    if status == 401:
+        raise AuthenticationFailed(f"the hertz server at {address} refused the token; pass the server's "
+                                   f"token (hertz://...?token=, token=, or ${TOKEN_ENV})")
+    if not isinstance(info, dict):
+        raise ServerUnavailable(f"the server at {address} answered {status} to {p.INFO_PATH}; "
+                                "is it a hertz-agents server?")
+    return info
+
+
+class RemoteEngine:
+    """A hertz server, used like a local engine. Create it with :meth:`connect`."""
+
+    def __init__(self, address: ServerAddress, info: dict[str, Any], *, reconnect: ReconnectPolicy,
+                 timeout: float) -> None:
+        self.address = address
+        self.info = info
+        self.reconnect = reconnect
+        self.timeout = timeout
+        self._handles: set[RemoteHandle] = set()
+
+    @classmethod
+    async def connect(cls, url: str, *, token: str | None = None, reconnect: ReconnectPolicy | None = None,
+                      timeout: float = 10.0) -> RemoteEngine:
+        """Check that a server answers at ``url`` (raising ServerUnavailable or AuthenticationFailed now,
+        not at the first step) and return an engine whose ``open`` starts sessions there."""
+        address, query = ServerAddress.parse(url, token)
+        if reconnect is None:
+            reconnect = ReconnectPolicy(attempts=int(query["reconnect"])) if "reconnect" in query else ReconnectPolicy()
+        info = await asyncio.wrap_future(_io().submit(_fetch_info(address, timeout)))
+        if info.get("protocol") != p.PROTOCOL_VERSION:
+            raise HertzError(f"the server at {address} speaks protocol {info.get('protocol')!r}, this client "
+                             f"{p.PROTOCOL_VERSION}; install matching hertz-agents versions")
+        return cls(address, info, reconnect=reconnect, timeout=timeout)
+
+    @property
+    def max_sessions(self) -> int:
+        return int(self.info.get("max_sessions", 0))
+
+    @property
+    def active_sessions(self) -> int:
+        """The server's count when last heard (at connect, and at each session start)."""
+        return int(self.info.get("active_sessions", 0))
+
+    def load(self) -> float:
+        return self.active_sessions / self.max_sessions if self.max_sessions else 1.0
+
+    def refresh(self) -> dict[str, Any]:
+        """Ask the server for its current figures (blocking)."""
+        self.info = _io().run(_fetch_info(self.address, self.timeout))
+        return self.info
+
+    def open(self, on_output: OutputCallback, *, sampling: SamplingSettings | None = None,
+             prompt: str | Path | np.ndarray | None = None, seed: int | None = None,
+             on_closed: Callable[[BaseException], None] | None = None) -> RemoteHandle:
+        """Start a session on the server (blocking: one round trip, plus a new prompt's prefill there)."""
+        handle = RemoteHandle(self, on_output, sampling or SamplingSettings(), _prompt_message(prompt), seed, on_closed)
+        _io().run(handle._start(), timeout=self.timeout + 60)
+        self._handles.add(handle)
+        return handle
+
+    def close(self) -> None:
+        for handle in list(self._handles):
+            handle.close()
+
+
+def _prompt_message(prompt: str | Path | np.ndarray | None) -> p.Prompt | None:
+    """A local file or array is sent inline; a string that names no local file is a server prompt."""
+    if prompt is None:
+        return None
+    if isinstance(prompt, np.ndarray):
+        import io
+
+        import soundfile as sf  # type: ignore[import-untyped]
+
+        audio = np.asarray(prompt, dtype=np.float32)
+        frames = audio.T if audio.ndim == 2 else audio  # [C, N] -> [N, C]
+        buffer = io.BytesIO()
+        sf.write(buffer, np.clip(frames, -1, 1), SAMPLE_RATE, format="WAV", subtype="PCM_16")
+        return p.Prompt(audio=buffer.getvalue())
+    path = Path(prompt)
+    if path.is_file():
+        return p.Prompt(audio=path.read_bytes())
+    if isinstance(prompt, Path):
+        raise AudioInputError(f"prompt file {str(prompt)!r} does not exist; pass a WAV path, or a prompt name as str")
+    return p.Prompt(name=prompt)
+
+
+@dataclass
+class RemoteStepInfo:
+    """The StepInfo fields, for a step computed on the server."""
+
+    step: int
+    silence_input: bool
+    input_audio: np.ndarray | None
+    queue_ms: float
+    compute_ms: float
+    input_complete: float
+
+
+class RemoteHandle:
+    """One remote session: the SlotHandle side of the seam. ``submit`` and ``close`` are thread-safe."""
+
+    def __init__(self, engine: RemoteEngine, on_output: OutputCallback, sampling: SamplingSettings,
+                 prompt: p.Prompt | None, seed: int | None,
+                 on_closed: Callable[[BaseException], None] | None) -> None:
+        self.engine, self.on_output, self.sampling = engine, on_output, sampling
+        self._prompt, self._seed, self._on_closed = prompt, seed, on_closed
+        self.metrics = SessionMetrics()
+        self.closed = False
+        self.error: BaseException | None = None
+        self.reconnects = 0
+        self.session_id = ""
+        self._io = _io()
+        self._ws: aiohttp.ClientWebSocketResponse | None = None
+        self._reader: asyncio.Task | None = None
+        self._next_seq = 0
+        self._pending: deque[tuple[int, np.ndarray, float]] = deque()  # (seq, audio, complete_at), I/O thread only
+        self._steps = 0
+        self._opened_at = time.monotonic()
+        self._metrics_reply: asyncio.Future | None = None
+
+    # -- caller threads ---------------------------------------------------------------------
+    def submit(self, audio: np.ndarray, complete_at: float | None = None) -> None:
+        """Queue one input step (float32 [2000] at 16 kHz). Never blocks."""
+        if self.closed:
+            raise self.error if isinstance(self.error, SessionClosed) else SessionClosed(
+                "this remote session is closed; open a new one")
+        if audio.shape != (SAMPLES_PER_STEP,):
+            raise ValueError(f"an input step is {SAMPLES_PER_STEP} samples, got shape {audio.shape}")
+        data = p.float_to_pcm16(audio)
+        self._io.call(self._send_step, data, audio, time.monotonic() if complete_at is None else complete_at)
+
+    def update_sampling(self, sampling: SamplingSettings) -> None:
+        self.sampling = sampling
+        self._io.call(self._send_json, p.encode(p.Settings(p.sampling_to_dict(sampling))))
+
+    def server_metrics(self, timeout: float = 5.0) -> dict[str, Any]:
+        """The server's view of this session and of itself (blocking; not from the I/O thread)."""
+        return self._io.run(self._request_metrics(), timeout)
+
+    def close(self) -> None:
+        """End the session (tells the server, frees its slot). Idempotent, never blocks."""
+        if self.closed:
+            return
+        self.closed = True
+        self.engine._handles.discard(self)
+        self._io.call(lambda: asyncio.ensure_future(self._shutdown()))
+
+    # -- I/O thread -------------------------------------------------------------------------
+    async def _start(self) -> None:
+        self._ws = await self._connect()
+        self._reader = asyncio.ensure_future(self._read_loop())
+
+    async def _connect(self) -> aiohttp.ClientWebSocketResponse:
+        """One WebSocket and a started server session, or the error that says why not."""
+        address = self.engine.address
+        try:
+            ws = await asyncio.wait_for(self._io.http().ws_connect(
+                address.url(p.SESSION_PATH, websocket=True), headers=address.headers, heartbeat=p.Limits().heartbeat,
+                max_msg_size=p.Limits().max_message_bytes, compress=0, timeout=aiohttp.ClientWSTimeout(ws_close=2)),
+                self.engine.timeout)
+        except aiohttp.WSServerHandshakeError as e:
+            if e.status == 401:
+                raise AuthenticationFailed(f"the hertz server at {address} refused the token") from e
+            raise ServerUnavailable(f"the hertz server at {address} refused the session (HTTP {e.status})") from e
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
+            raise _unavailable(address, e) from e
+        start = p.Start(sampling=self.sampling, prompt=self._prompt, seed=self._seed)
+        try:
+            await ws.send_str(p.encode(start))
+            msg = await ws.receive(timeout=self.engine.timeout + 60)  # the server may prefill a new prompt
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
+            await ws.close()
+            raise _unavailable(address, e) from e
+        reply = p.parse_server_message(msg.data) if msg.type == aiohttp.WSMsgType.TEXT else None
+        if isinstance(reply, p.Started):
+            self.session_id = reply.session_id
+            self.engine.info.update(active_sessions=reply.active_sessions, max_sessions=reply.max_sessions)
+            self._next_seq = 0
+            return ws
+        await ws.close()
+        if isinstance(reply, p.Error):
+            raise _error_from(reply, address)
+        raise ServerUnavailable(f"the hertz server at {address} closed the session before starting it "
+                                f"({msg.type.name} {ws.close_code})")
+
+    def _send_step(self, data: bytes, audio: np.ndarray, complete_at: float) -> None:
+        ws = self._ws
+        if self.closed or ws is None or ws.closed:
+            self.metrics.dropped_input_steps += 1  # reconnecting: this step is lost
+            return
+        self._pending.append((self._next_seq, audio, complete_at))
+        self._next_seq += 1
+        asyncio.ensure_future(self._send(ws, data))
+
+    def _send_json(self, text: str) -> None:
+        if self._ws is not None and not self._ws.closed:
+            asyncio.ensure_future(self._send(self._ws, text))
+
+    @staticmethod
+    async def _send(ws: aiohttp.ClientWebSocketResponse, item: bytes | str) -> None:
+        try:
+            if isinstance(item, bytes):
+                await ws.send_bytes(item)
+            else:
+                await ws.send_str(item)
+        except (ConnectionError, RuntimeError, aiohttp.ClientError):
+            pass  # the read loop notices the loss and reconnects
+
+    async def _read_loop(self) -> None:
+        while not self.closed:
+            ws = self._ws
+            assert ws is not None
+            ended: p.Ended | p.Error | None = None
+            async for msg in ws:
+                if msg.type == aiohttp.WSMsgType.BINARY:
+                    self._on_frame(p.decode_output(msg.data))
+                elif msg.type == aiohttp.WSMsgType.TEXT:
+                    reply = p.parse_server_message(msg.data)
+                    if isinstance(reply, p.MetricsReply) and self._metrics_reply and not self._metrics_reply.done():
+                        self._metrics_reply.set_result({"session": reply.session, "server": reply.server})
+                    elif isinstance(reply, (p.Ended, p.Error)):
+                        ended = reply
+            if self.closed:
+                return
+            cause = self._loss_cause(ws, ended)
+            if cause is not None:  # final: the server refused or ended the session for good
+                self._fail(cause)
+                return
+            if not await self._reconnect(ws):
+                return
+
+    def _loss_cause(self, ws: aiohttp.ClientWebSocketResponse, ended: p.Ended | p.Error | None) -> BaseException | None:
+        """None when the loss is worth a reconnect, else the error that ends the session."""
+        address = self.engine.address
+        if isinstance(ended, p.Error):
+            return _error_from(ended, address)
+        if isinstance(ended, p.Ended) and ended.reason not in ("shutdown",):
+            return SessionClosed(f"the hertz server at {address} ended the session ({ended.reason})")
+        return None
+
+    async def _reconnect(self, lost: aiohttp.ClientWebSocketResponse) -> bool:
+        address = self.engine.address
+        dropped = len(self._pending)
+        self._pending.clear()
+        self.metrics.dropped_input_steps += dropped
+        started = time.monotonic()
+        last: BaseException = ConnectionError(f"connection closed (code {lost.close_code})")
+        for delay in self.engine.reconnect.delays():
+            await asyncio.sleep(delay)
+            if self.closed:
+                return False
+            try:
+                self._ws = await self._connect()
+                self.reconnects += 1
+                log.warning("reconnected to %s after %.1f s", address, time.monotonic() - started)
+                return True
+            except (AuthenticationFailed, AudioInputError) as e:
+                self._fail(e)
+                return False
+            except (ServerUnavailable, EngineFull, SessionClosed) as e:
+                last = e
+        self._fail(ServerGone(f"lost the hertz server at {address} and could not reconnect "
+                              f"({self.engine.reconnect.attempts} attempts in {time.monotonic() - started:.1f} s; "
+                              f"last: {last}); check that `hertz-agents serve` is running there"))
+        return False
+
+    def _fail(self, error: BaseException) -> None:
+        if self.closed and self.error is not None:
+            return
+        self.error = error
+        self.closed = True
+        self.engine._handles.discard(self)
+        log.warning("remote session ended: %s", error)
+        if self._on_closed is not None:
+            try:
+                self._on_closed(error)
+            except Exception:
+                log.exception("on_closed callback failed")
+
+    def _on_frame(self, frame: p.OutputFrame) -> None:
+        now = time.monotonic()
+        audio_in: np.ndarray | None = None
+        complete_at = now
+        if frame.input_seq is not None:
+            while self._pending and self._pending[0][0] < frame.input_seq:
+                self._pending.popleft()  # dropped on the server (its engine fell behind)
+                self.metrics.dropped_input_steps += 1
+            if self._pending and self._pending[0][0] == frame.input_seq:
+                _, audio_in, complete_at = self._pending.popleft()
+        info = RemoteStepInfo(self._steps, frame.silence_input, audio_in, frame.queue_ms, frame.compute_ms, complete_at)
+        self._steps += 1
+        self.metrics.record_step(frame.compute_ms, frame.queue_ms, (now - complete_at) * 1000, frame.silence_input)
+        if self.metrics.ttfa_ms is None:
+            self.metrics.ttfa_ms = (now - self._opened_at) * 1000
+        try:
+            self.on_output(frame.audio, info)
+        except Exception:
+            log.exception("a remote session's output callback failed; closing that session")
+            self.close()
+
+    async def _request_metrics(self) -> dict[str, Any]:
+        self._metrics_reply = asyncio.get_running_loop().create_future()
+        self._send_json(p.encode(p.MetricsRequest()))
+        return await self._metrics_reply
+
+    async def _shutdown(self) -> None:
+        ws = self._ws
+        if ws is not None and not ws.closed:
+            try:
+                await ws.send_str(p.encode(p.End()))
+                await ws.close()
+            except (ConnectionError, RuntimeError, aiohttp.ClientError):
+                pass
+        if self._reader is not None:
+            self._reader.cancel()
+
+
+def _error_from(error: p.Error, address: ServerAddress) -> BaseException:
+    """The server's refusal as the exception a local engine would raise for the same cause."""
+    message = f"hertz server at {address}: {error.message} ({error.code})"
+    if error.code == p.ErrorCode.SERVER_FULL.value:
+        return EngineFull(message)
+    if error.code == p.ErrorCode.DRAINING.value:
+        return ServerUnavailable(message)
+    if error.code in (p.ErrorCode.UNKNOWN_PROMPT.value, p.ErrorCode.BAD_PROMPT.value):
+        return AudioInputError(message)
+    return SessionClosed(message)

@@ -8,9 +8,12 @@ in the transport's queue and every later word would be late by the length of the
 rest of the call.
 
 ``OutputPacer`` keeps an estimate of when the audio pushed so far will have finished playing (the
-transport starts playing a frame at once if its queue is empty, and plays in real time). A step
-that arrives while more than ``max_lead`` seconds of earlier audio are still queued belongs to a
-burst: it is dropped, so the latency returns to normal as soon as the backlog is gone.
+transport starts playing a frame at once if its queue is empty, and plays in real time). When
+steps keep arriving while more than ``max_lead`` seconds of earlier audio are still queued, the
+queue is not draining: steps are dropped until it is short again, so the latency returns to
+normal within a few steps. A single early step (the jitter of step times, or of a resampler
+upstream) drains by itself and costs nothing: only ``patience`` arrivals in a row over the
+bound count.
 """
 
 from __future__ import annotations
@@ -23,14 +26,16 @@ class OutputPacer:
     """Admits model steps for playout while the downstream queue is short.
 
     Args:
-        max_lead: Seconds of earlier audio that may still be queued downstream when a step is
-            admitted. Below one step (0.125 s), so a burst of backlog steps is dropped; above the
-            jitter of step delivery, so normal steps are never dropped.
+        max_lead: Seconds of earlier audio that may stay queued downstream. Below one step
+            (0.125 s), so that no step of a stall's backlog stays in the queue.
+        patience: Arrivals in a row over ``max_lead`` before steps are dropped.
     """
 
     max_lead: float = 0.1
+    patience: int = 3
     dropped_steps: int = field(default=0, init=False)
     _play_end: float = field(default=0.0, init=False)
+    _over: int = field(default=0, init=False)
 
     def lead(self, now: float) -> float:
         """Seconds of admitted audio not yet played at ``now`` (monotonic seconds)."""
@@ -38,11 +43,15 @@ class OutputPacer:
 
     def admit(self, duration: float, now: float) -> bool:
         """Whether to push a step of ``duration`` seconds that is ready at ``now``; counts drops."""
-        if self.lead(now) > self.max_lead:
-            self.dropped_steps += 1
-            return False
+        if self.lead(now) <= self.max_lead:
+            self._over = 0
+        else:
+            self._over += 1
+            if self._over >= self.patience:
+                self.dropped_steps += 1
+                return False
         self._play_end = max(self._play_end, now) + duration
         return True
 
     def reset(self) -> None:
-        self._play_end = 0.0
+        self._play_end, self._over = 0.0, 0

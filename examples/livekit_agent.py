@@ -112,7 +112,7 @@ async def entrypoint(ctx: JobContext) -> None:
         await run_plain_rtc(ctx, model)
         return
 
-    session = AgentSession(
+    session: AgentSession[None] = AgentSession(
         llm=model,  # wrapped in llm.DuplexRealtimeAdapter: the model speaks over the caller
         vad=None,  # no client-side turn detection: the model decides when to talk and to stop
         # the default 3 s replaces the caller's audio with silence while the agent speaks, so the
@@ -142,7 +142,13 @@ async def run_plain_rtc(ctx: JobContext, model: hertz.DuplexModel) -> None:
     await ctx.room.local_participant.publish_track(track, options)
 
     session = model.session()
-    ctx.add_shutdown_callback(session.aclose)
+    ctx.add_shutdown_callback(session.aclose)  # ends the audio_stream loop below
+
+    def on_left(left: rtc.RemoteParticipant) -> None:
+        if left.identity == participant.identity:
+            ctx.shutdown(reason="the caller left")
+
+    ctx.room.on("participant_disconnected", on_left)
     caller = rtc.AudioStream.from_participant(
         participant=participant,
         track_source=rtc.TrackSource.SOURCE_MICROPHONE,

@@ -32,7 +32,7 @@ from livekit.agents import llm, utils
 from livekit.agents.types import NOT_GIVEN, NotGivenOr
 from livekit.agents.utils import is_given
 
-from hertz_agents.errors import AudioInputError, SessionClosed
+from hertz_agents.errors import AudioInputError, HertzError, SessionClosed
 from hertz_agents.sampling import SamplingSettings
 from hertz_agents.session import DuplexSession as CoreSession
 from hertz_agents.timing import STEP_SECONDS
@@ -253,7 +253,10 @@ class DuplexSession(llm.DuplexSession):
                 record_path=self._record_path(),
             )
         except Exception as e:
-            logger.exception("could not open a hertz-dev session")
+            if isinstance(e, HertzError):  # a full engine, a missing model: the message says it all
+                logger.error("could not open a hertz-dev session: %s", e)
+            else:
+                logger.exception("could not open a hertz-dev session")
             self._emit_error(e, recoverable=False)
             self._audio_ch.close()
             self._open_done.set()

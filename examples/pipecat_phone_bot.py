@@ -57,6 +57,7 @@ async def run_bot(
     *,
     model: Any,
     prompt: str | None,
+    gate_db: Any = "auto",
     on_started: Callable[[PipelineWorker], Awaitable[None]] | None = None,
 ) -> None:
     """One phone call: Twilio's audio through hertz-dev and back."""
@@ -75,7 +76,8 @@ async def run_bot(
             audio_in_enabled=True, audio_out_enabled=True, audio_out_10ms_chunks=2, serializer=serializer
         ),
     )
-    hertz = HertzDuplexService(model=model, settings=HertzDuplexSettings(prompt=prompt))
+    settings = HertzDuplexSettings(prompt=prompt, gate_threshold_db=gate_db)
+    hertz = HertzDuplexService(model=model, settings=settings)
     worker = PipelineWorker(
         Pipeline([transport.input(), hertz, transport.output()]),
         params=PipelineParams(audio_in_sample_rate=SAMPLE_RATE, audio_out_sample_rate=SAMPLE_RATE, enable_metrics=True),
@@ -102,13 +104,15 @@ def create_app(
     model: Any = "default",
     *,
     prompt: str | None = None,
+    gate_db: float | str | None = "auto",
     public_host: str | None = None,
     on_started: Callable[[PipelineWorker], Awaitable[None]] | None = None,
 ) -> FastAPI:
     """The bot's web server: TwiML at ``/twiml``, Twilio's media stream at ``/ws``.
 
     ``model``: a model name or directory (loaded before the server starts answering), an
-    ``hertz_agents`` Engine, or ``hertz://host:port``. ``public_host``: the host name Twilio
+    ``hertz_agents`` Engine, or ``hertz://host:port``. ``gate_db``: the speech gate's threshold
+    ("auto", a level in dBFS, or None for no gate). ``public_host``: the host name Twilio
     reaches this server at (default: the Host header of Twilio's webhook request).
     ``on_started``: called with each call's pipeline worker once it runs (to queue frames into it).
     """
@@ -133,15 +137,26 @@ def create_app(
     @app.websocket("/ws")
     async def media_stream(websocket: WebSocket) -> None:
         await websocket.accept()
-        await run_bot(websocket, model=model, prompt=prompt, on_started=on_started)
+        await run_bot(websocket, model=model, prompt=prompt, gate_db=gate_db, on_started=on_started)
 
     return app
+
+
+def gate_setting(value: str) -> float | str | None:
+    """``--gate-db``: "auto", "off" or a level in dBFS."""
+    return None if value == "off" else value if value == "auto" else float(value)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="default", help="model name, checkpoint directory, or hertz://host:port")
     parser.add_argument("--prompt", help="WAV the conversation starts from (mono, or stereo caller | model)")
+    parser.add_argument(
+        "--gate-db",
+        type=gate_setting,
+        default="auto",
+        help="speech gate threshold: auto (from the model's quiet level), a level in dBFS, or off",
+    )
     parser.add_argument("--public-host", help="host name Twilio reaches this server at (default: from the request)")
     parser.add_argument("--host", default="0.0.0.0")
     parser.add_argument("--port", type=int, default=8765)

@@ -42,7 +42,7 @@ PAGE = Path(__file__).parent / "web" / "index.html"
 
 
 async def run_bot(
-    connection: SmallWebRTCConnection, *, model: Any, prompt: str | None, record_dir: Path | None
+    connection: SmallWebRTCConnection, *, model: Any, prompt: str | None, gate_db: Any, record_dir: Path | None
 ) -> None:
     """One call: a pipeline from the browser's microphone through hertz-dev to its speaker."""
     transport = SmallWebRTCTransport(
@@ -50,7 +50,8 @@ async def run_bot(
         params=TransportParams(audio_in_enabled=True, audio_out_enabled=True, audio_out_10ms_chunks=2),
     )
     record = record_dir / f"{connection.pc_id}.wav" if record_dir else None
-    hertz = HertzDuplexService(model=model, settings=HertzDuplexSettings(prompt=prompt), record_path=record)
+    settings = HertzDuplexSettings(prompt=prompt, gate_threshold_db=gate_db)
+    hertz = HertzDuplexService(model=model, settings=settings, record_path=record)
     worker = PipelineWorker(
         Pipeline([transport.input(), hertz, transport.output()]),
         params=PipelineParams(audio_in_sample_rate=SAMPLE_RATE, audio_out_sample_rate=SAMPLE_RATE, enable_metrics=True),
@@ -67,12 +68,17 @@ async def run_bot(
 
 
 def create_app(
-    model: Any = "default", *, prompt: str | None = None, record_dir: str | os.PathLike[str] | None = None
+    model: Any = "default",
+    *,
+    prompt: str | None = None,
+    gate_db: float | str | None = "auto",
+    record_dir: str | os.PathLike[str] | None = None,
 ) -> FastAPI:
     """The bot's web server: the page at ``/`` and SmallWebRTC signalling at ``/api/offer``.
 
     ``model`` is a model name or directory (loaded before the server starts answering), an
-    ``hertz_agents`` Engine, or ``hertz://host:port`` for a remote inference server.
+    ``hertz_agents`` Engine, or ``hertz://host:port`` for a remote inference server. ``gate_db``
+    is the speech gate's threshold: "auto", a level in dBFS, or None for no gate.
     """
     webrtc = SmallWebRTCRequestHandler()
     records = Path(record_dir) if record_dir is not None else None
@@ -97,7 +103,9 @@ def create_app(
     @app.post("/api/offer")
     async def offer(request: SmallWebRTCRequest, background_tasks: BackgroundTasks) -> dict[str, str] | None:
         async def on_connection(connection: SmallWebRTCConnection) -> None:
-            background_tasks.add_task(run_bot, connection, model=model, prompt=prompt, record_dir=records)
+            background_tasks.add_task(
+                run_bot, connection, model=model, prompt=prompt, gate_db=gate_db, record_dir=records
+            )
 
         return await webrtc.handle_web_request(request, on_connection)
 
@@ -109,15 +117,26 @@ def create_app(
     return app
 
 
+def gate_setting(value: str) -> float | str | None:
+    """``--gate-db``: "auto", "off" or a level in dBFS."""
+    return None if value == "off" else value if value == "auto" else float(value)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="default", help="model name, checkpoint directory, or hertz://host:port")
     parser.add_argument("--prompt", help="WAV the conversation starts from (mono, or stereo caller | model)")
+    parser.add_argument(
+        "--gate-db",
+        type=gate_setting,
+        default="auto",
+        help="speech gate threshold: auto (from the model's quiet level), a level in dBFS, or off",
+    )
     parser.add_argument("--record-dir", help="record every call here (stereo WAV: caller | model)")
     parser.add_argument("--host", default="localhost")
     parser.add_argument("--port", type=int, default=7860)
     args = parser.parse_args()
-    app = create_app(args.model, prompt=args.prompt, record_dir=args.record_dir)
+    app = create_app(args.model, prompt=args.prompt, gate_db=args.gate_db, record_dir=args.record_dir)
     uvicorn.run(app, host=args.host, port=args.port)
 
 

@@ -1,6 +1,7 @@
 """A real browser talks to the WebRTC example: headless Chromium, its microphone fed from a WAV.
 
-The example runs as a user would run it (a subprocess, the tiny model via --model). Chromium
+The example runs as a user would run it (a subprocess, the tiny model via --model, and the gate
+off: the tiny model's output is noise at its quiet level, which the gate would silence). Chromium
 opens the demo page with ?autoconnect=1; its fake microphone plays a 523 Hz tone in bursts. The
 test reads the page's WebRTC statistics through the DevTools protocol (the browser received the
 bot's audio) and the bot's call recording (the bot heard the browser's tone).
@@ -140,6 +141,8 @@ def test_chromium_talks_to_the_webrtc_bot(tiny_model_dir, tmp_path):
         str(port),
         "--record-dir",
         str(records),
+        "--gate-db",
+        "off",
     ]
     browse = [
         CHROMIUM,

@@ -9,10 +9,26 @@ import pytest
 
 pytest.importorskip("pipecat", reason="the Pipecat adapter needs `pip install 'hertz-agents[pipecat]'`")
 
-from pipecat.frames.frames import BotStartedSpeakingFrame, BotStoppedSpeakingFrame  # noqa: E402
+from pipecat.frames.frames import (  # noqa: E402
+    BotStartedSpeakingFrame,
+    BotStoppedSpeakingFrame,
+    InputAudioRawFrame,
+    SpeechOutputAudioRawFrame,
+)
 from pipecat.pipeline.worker import PipelineParams  # noqa: E402
+from pipecat.tests.utils import SleepFrame, run_test  # noqa: E402
 from pipecat_hertz import HertzDuplexService, HertzDuplexSettings, OutputPacer, SpeechGate  # noqa: E402
-from test_pipecat_support import FakeSpeaker, FrameLog, feed_realtime, identity_engine, run_pipeline  # noqa: E402
+from pipecat_hertz.engines import quiet_level  # noqa: E402
+from pipecat_hertz.gate import AUTO_MARGIN_DB, DEFAULT_THRESHOLD_DB, MIN_THRESHOLD_DB, threshold_db  # noqa: E402
+from test_pipecat_support import (  # noqa: E402
+    FakeSpeaker,
+    FrameLog,
+    feed_realtime,
+    identity_engine,
+    run_pipeline,
+    speech_like,
+    to_pcm16,
+)
 
 from hertz_agents.timing import SAMPLE_RATE, SAMPLES_PER_STEP, STEP_SECONDS  # noqa: E402
 
@@ -112,3 +128,26 @@ async def test_ungated_faint_noise_counts_as_speech_forever(tiny_model_dir):
     """The control for the test above: without the gate the bot never stops speaking."""
     started, stopped = await speaking_events(tiny_model_dir, gate_db=None)
     assert (started, stopped) == (1, 0)
+
+
+def test_threshold_settings():
+    assert threshold_db(-40.0, 0.5) == -40.0 and threshold_db(None, 0.5) is None
+    assert threshold_db("auto", None) == DEFAULT_THRESHOLD_DB, "unknown quiet level (a remote engine)"
+    assert threshold_db("auto", 0.0) == MIN_THRESHOLD_DB, "a model that is silent when quiet"
+    assert threshold_db("auto", 0.01) == pytest.approx(-40.0 + AUTO_MARGIN_DB)
+
+
+async def test_auto_gate_is_set_from_the_models_quiet_level(tiny_model_dir):
+    """The tiny model makes noise at one level whatever it hears: its quiet level. Measured, the
+    auto gate calls all of it silence; a gate at -45 dBFS would call it speech."""
+    engine = await HertzDuplexService.preload(tiny_model_dir)  # measures the quiet level once
+    quiet = quiet_level(engine)
+    assert quiet is not None and 0.01 < quiet < 0.5
+    service = HertzDuplexService(model=tiny_model_dir)
+    audio = speech_like(1.0, SAMPLE_RATE)
+    frames = []
+    for i in range(0, len(audio), 320):
+        frames += [InputAudioRawFrame(to_pcm16(audio[i : i + 320]), SAMPLE_RATE, 1), SleepFrame(0.02)]
+    down, _ = await run_test(service, frames_to_send=frames, start_timeout=30)
+    speech = [f for f in down if isinstance(f, SpeechOutputAudioRawFrame)]
+    assert len(speech) > 20 and not any(any(f.audio) for f in speech)

@@ -9,6 +9,11 @@ The decision is made once per model step (125 ms), from the RMS level of the ste
 it needs no look-ahead and adds no latency. A step that opens the gate passes whole, so the
 onset of speech inside it is kept. Hysteresis and a hangover keep soft word endings, and short
 ramps at the transitions avoid clicks.
+
+Models differ in how loud their "silence" is, so by default the threshold is set from the
+model's own quiet level (its output while it hears silence, measured once per engine, see
+``pipecat_hertz.engines.quiet_level``): ``AUTO_MARGIN_DB`` above it, and never below
+``MIN_THRESHOLD_DB``, so that what passes is louder than what Pipecat calls silence.
 """
 
 from __future__ import annotations
@@ -18,8 +23,27 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+AUTO = "auto"
+"""Threshold setting: from the model's measured quiet level."""
+
 DEFAULT_THRESHOLD_DB = -45.0
-"""Steps at or above this RMS level (dBFS) open the gate. Speech is typically -35 to -15 dBFS."""
+"""The threshold (RMS, dBFS) when the quiet level is unknown. Speech is typically -35 to -15 dBFS."""
+
+AUTO_MARGIN_DB = 10.0
+"""How far above the model's quiet level a step must be to open the gate."""
+
+MIN_THRESHOLD_DB = -55.0
+"""The lowest automatic threshold: quieter steps would count as silence for Pipecat anyway."""
+
+
+def threshold_db(setting: float | str | None, quiet_rms: float | None) -> float | None:
+    """The gate threshold for a ``gate_threshold_db`` setting: a level, None (no gate) or "auto"."""
+    if setting != AUTO:
+        return setting  # type: ignore[return-value]
+    if quiet_rms is None:
+        return DEFAULT_THRESHOLD_DB
+    quiet_db = 20.0 * math.log10(quiet_rms) if quiet_rms > 0 else -math.inf
+    return max(MIN_THRESHOLD_DB, quiet_db + AUTO_MARGIN_DB)
 
 
 @dataclass

@@ -44,8 +44,8 @@ from hertz_agents.engine import Engine
 from hertz_agents.errors import AudioInputError, SessionClosed
 from hertz_agents.session import DuplexSession, OutputChunk
 from hertz_agents.timing import SAMPLE_RATE, SAMPLES_PER_STEP
-from pipecat_hertz.engines import is_loadable, start_loading
-from pipecat_hertz.gate import SpeechGate
+from pipecat_hertz.engines import is_loadable, quiet_level, start_loading
+from pipecat_hertz.gate import AUTO, SpeechGate, threshold_db
 from pipecat_hertz.pacing import OutputPacer
 from pipecat_hertz.settings import SAMPLING_FIELDS, HertzDuplexSettings
 
@@ -123,7 +123,8 @@ class HertzDuplexService(AIService):
         self._engine_future = start_loading(model) if is_loadable(model) else None  # type: ignore[arg-type]
         self._backend: Any = None if self._engine_future is not None else model
         self._load_error: BaseException | None = None
-        self._gate = SpeechGate(threshold_db=store.gate_threshold_db)  # type: ignore[arg-type]
+        self._quiet_rms: float | None = None  # the model's quiet level, for the "auto" gate
+        self._gate = SpeechGate(threshold_db=threshold_db(store.gate_threshold_db, None))  # type: ignore[arg-type]
         self._pacer = OutputPacer(max_lead=max_output_lead_ms / 1000)
         self._session: DuplexSession | None = None
         self._reader: asyncio.Task | None = None
@@ -188,6 +189,13 @@ class HertzDuplexService(AIService):
                 self._backend = await asyncio.shield(asyncio.wrap_future(self._engine_future))
             except Exception as e:  # reported once the pipeline starts and errors can travel
                 self._load_error = e
+        await self._measure_quiet_level()
+
+    async def _measure_quiet_level(self) -> None:
+        """For the "auto" gate: the local engine's quiet level (measured once per engine)."""
+        if self._settings.gate_threshold_db == AUTO and isinstance(self._backend, Engine):
+            self._quiet_rms = await asyncio.to_thread(quiet_level, self._backend)
+        self._gate.threshold_db = threshold_db(self._settings.gate_threshold_db, self._quiet_rms)  # type: ignore[arg-type]
 
     async def start(self, frame: StartFrame) -> None:
         await super().start(frame)
@@ -309,7 +317,7 @@ class HertzDuplexService(AIService):
         if sampling and self._session is not None:
             self._session.update_sampling(**sampling)
         if "gate_threshold_db" in changed:
-            self._gate.threshold_db = self._settings.gate_threshold_db  # type: ignore[assignment]
+            await self._measure_quiet_level()
         if "prompt" in changed and self._session is not None:
             await self._open_session()  # the new prompt starts a new conversation
         self._warn_unhandled_updated_settings(set(changed) - {*SAMPLING_FIELDS, "gate_threshold_db", "prompt"})

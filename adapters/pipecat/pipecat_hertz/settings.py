@@ -10,7 +10,7 @@ from pipecat.services.settings import ServiceSettings
 from pipecat.utils.types import NOT_GIVEN, NotGiven
 
 from hertz_agents.sampling import SamplingSettings
-from pipecat_hertz.gate import DEFAULT_THRESHOLD_DB
+from pipecat_hertz.gate import AUTO
 
 SAMPLING_FIELDS = ("token_temp", "categorical_temp", "gaussian_temp", "top_p", "min_p")
 """The settings that map one to one onto ``hertz_agents.SamplingSettings``."""
@@ -38,7 +38,8 @@ class HertzDuplexSettings(ServiceSettings):
         min_p: Min-p filtering on the token, or None for off.
         prompt: Path of a WAV (mono, or stereo caller | model) the conversation starts from, or None.
         gate_threshold_db: RMS level (dBFS) from which a model step counts as speech; quieter
-            steps are played as silence. None plays everything (see ``pipecat_hertz.gate``).
+            steps are played as silence. ``"auto"`` (the default) sets it 10 dB above the model's
+            own quiet level; None plays everything (see ``pipecat_hertz.gate``).
     """
 
     token_temp: float | NotGiven = field(default_factory=_not_given)
@@ -47,7 +48,7 @@ class HertzDuplexSettings(ServiceSettings):
     top_p: float | None | NotGiven = field(default_factory=_not_given)
     min_p: float | None | NotGiven = field(default_factory=_not_given)
     prompt: str | None | NotGiven = field(default_factory=_not_given)
-    gate_threshold_db: float | None | NotGiven = field(default_factory=_not_given)
+    gate_threshold_db: float | str | None | NotGiven = field(default_factory=_not_given)
 
     _aliases: ClassVar[dict[str, str]] = {"temperature": "token_temp"}
 
@@ -63,7 +64,7 @@ class HertzDuplexSettings(ServiceSettings):
             top_p=sampling.top_p,
             min_p=sampling.min_p,
             prompt=None,
-            gate_threshold_db=DEFAULT_THRESHOLD_DB,
+            gate_threshold_db=AUTO,
         )
 
     def sampling(self) -> SamplingSettings:
@@ -78,7 +79,10 @@ class HertzDuplexSettings(ServiceSettings):
         """Validate a full store: raises ValueError saying which field is wrong and why."""
         self.sampling()
         gate = self.gate_threshold_db
-        if gate is not None and not (isinstance(gate, (int, float)) and math.isfinite(gate) and gate <= 0):
-            raise ValueError(f"gate_threshold_db must be a level in dBFS (<= 0, e.g. -45) or None, got {gate!r}")
+        level = isinstance(gate, (int, float)) and not isinstance(gate, bool) and math.isfinite(gate) and gate <= 0
+        if gate is not None and gate != AUTO and not level:
+            raise ValueError(
+                f"gate_threshold_db must be a level in dBFS (<= 0, e.g. -45), 'auto' or None, got {gate!r}"
+            )
         if self.prompt is not None and not isinstance(self.prompt, str):
             raise ValueError(f"prompt must be the path of a WAV file (str) or None, got {self.prompt!r}")

@@ -81,10 +81,16 @@ class DuplexSession:
         session = cls(output_sample_rate=output_sample_rate, record_path=record_path,
                       max_output_backlog=max_output_backlog)
         backend = await session._backend(engine)
+        opening = asyncio.ensure_future(
+            asyncio.to_thread(backend.open, session._on_output, sampling=sampling, prompt=prompt, seed=seed)
+        )
         try:
-            session._handle = await asyncio.to_thread(
-                backend.open, session._on_output, sampling=sampling, prompt=prompt, seed=seed
-            )
+            session._handle = await asyncio.shield(opening)
+        except asyncio.CancelledError:
+            # The slot is being taken on another thread: give it back as soon as it arrives.
+            opening.add_done_callback(lambda f: f.cancelled() or f.exception() or f.result().close())
+            session._close_recording()
+            raise
         except BaseException:
             session._close_recording()
             raise

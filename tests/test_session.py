@@ -108,3 +108,21 @@ async def test_latency_recovers_after_a_500ms_stall(engine):
     before, stalled, after = latency[4:12], latency[12:16], latency[-10:]
     assert max(stalled) > 400  # the stall really happened
     assert np.median(after) <= np.median(before) + 60, (before, after)
+
+
+async def test_cancelling_open_gives_the_slot_back(engine, tmp_path):
+    from hertz_agents.audio import write_audio
+
+    prompt = tmp_path / "p.wav"  # a new prompt makes open() slow enough to cancel mid-way
+    write_audio(prompt, np.stack([_tone(1.0, SAMPLE_RATE)] * 2), SAMPLE_RATE)
+    before = engine.active_sessions
+    task = asyncio.ensure_future(DuplexSession.open(engine, prompt=prompt))
+    await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    for _ in range(200):
+        if engine.active_sessions == before:
+            break
+        await asyncio.sleep(0.05)
+    assert engine.active_sessions == before

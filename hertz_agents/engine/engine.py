@@ -15,6 +15,7 @@ never waits on the model. Timing policy (see docs/engine.md):
 
 from __future__ import annotations
 
+import atexit
 import logging
 import threading
 import time
@@ -146,6 +147,9 @@ class Engine:
         self._running = True
         self._thread = threading.Thread(target=self._run, name="hertz-engine", daemon=True)
         self._thread.start()
+        # Stop the worker before interpreter teardown: a daemon thread still inside torch at exit
+        # can abort the process ("terminate called without an active exception").
+        atexit.register(self.close)
 
     # -- sessions ---------------------------------------------------------------------------
     @property
@@ -335,7 +339,8 @@ class Engine:
                 h.close()
 
     def close(self) -> None:
-        """Stop the worker thread; every open session is closed."""
+        """Stop the worker thread; every open session is closed. Safe to call twice."""
+        atexit.unregister(self.close)
         for h in list(self._handles):
             if h is not None:
                 h.close()

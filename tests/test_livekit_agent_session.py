@@ -9,7 +9,6 @@ well below that, so the gate takes every step for speech and every sample should
 from __future__ import annotations
 
 import asyncio
-import atexit
 import sys
 import threading
 import time
@@ -28,10 +27,8 @@ from livekit.agents.testing import fake_job_context  # noqa: E402
 from livekit.plugins import hertz  # noqa: E402
 
 from hertz_agents.audio import RESAMPLE_QUALITY  # noqa: E402
-from hertz_agents.engine import load_engine, loaded_engines  # noqa: E402
+from hertz_agents.engine import load_engine  # noqa: E402
 from hertz_agents.timing import SAMPLE_RATE, SAMPLES_PER_STEP  # noqa: E402
-
-atexit.register(lambda: [e.close() for e in loaded_engines()])  # see test_livekit_plugin.py
 
 OUT_RATE = 24_000
 QUIET = hertz.GateOptions(silence_rms=0.01)  # the tiny model's noise (~0.1) is 10x this: always "speech"

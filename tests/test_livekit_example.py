@@ -5,7 +5,6 @@ The worker running for real is tested in test_livekit_console.py."""
 from __future__ import annotations
 
 import asyncio
-import atexit
 import importlib.util
 import os
 import sys
@@ -21,8 +20,6 @@ from livekit.agents import JobExecutorType, JobProcess  # noqa: E402
 from livekit.plugins import hertz  # noqa: E402
 
 from hertz_agents.engine import loaded_engines  # noqa: E402
-
-atexit.register(lambda: [e.close() for e in loaded_engines()])  # see test_livekit_plugin.py
 
 
 def import_example(monkeypatch, **env: str):

@@ -7,7 +7,6 @@ Frames go in as LiveKit ``rtc.AudioFrame``s of any rate and channel count and co
 from __future__ import annotations
 
 import asyncio
-import atexit
 import sys
 import time
 from pathlib import Path
@@ -26,13 +25,12 @@ from livekit.agents import llm  # noqa: E402
 from livekit.plugins import hertz  # noqa: E402
 
 from hertz_agents.audio import RESAMPLE_QUALITY  # noqa: E402
-from hertz_agents.engine import Engine, load_engine, loaded_engines  # noqa: E402
+from hertz_agents.engine import Engine, load_engine  # noqa: E402
 from hertz_agents.errors import EngineFull  # noqa: E402
 from hertz_agents.timing import SAMPLE_RATE, SAMPLES_PER_STEP, STEP_SECONDS  # noqa: E402
 
 # The engine's worker thread must stop before the interpreter tears torch down, or the process
 # aborts at exit ("terminate called without an active exception"); the core does not do it yet.
-atexit.register(lambda: [e.close() for e in loaded_engines()])
 
 
 @pytest.fixture(scope="module")

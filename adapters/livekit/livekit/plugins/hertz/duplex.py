@@ -13,7 +13,6 @@ LiveKit frames and numpy arrays.
 from __future__ import annotations
 
 import asyncio
-import atexit
 import contextlib
 import dataclasses
 import os
@@ -148,7 +147,6 @@ class DuplexModel(llm.DuplexModel):
 
         engine_options: dict[str, Any] = {"max_sessions": max_sessions} if max_sessions is not None else {}
         engine = load_engine(model, device=device, **engine_options)
-        _stop_at_exit(engine)
         gate: GateOptions = options.pop("gate", None) or GateOptions()
         if gate.silence_rms is None and measure_gate:
             gate = replace(gate, silence_rms=measure_quiet_level(engine))
@@ -205,21 +203,6 @@ class DuplexModel(llm.DuplexModel):
 
     async def aclose(self) -> None:
         pass  # the engine belongs to the process and outlives any one model object
-
-
-_stopping_at_exit: weakref.WeakSet[Any] = weakref.WeakSet()
-
-
-def _stop_at_exit(engine: Any) -> None:
-    """Stop the engine's worker thread before the interpreter tears torch down.
-
-    A daemon thread still inside torch at interpreter teardown aborts the process ("terminate
-    called without an active exception"), so a worker would exit with SIGABRT. Until the core
-    stops its engines at exit, the plugin does it for the engines it loads.
-    """
-    if engine not in _stopping_at_exit:
-        _stopping_at_exit.add(engine)
-        atexit.register(engine.close)
 
 
 class DuplexSession(llm.DuplexSession):

@@ -22,6 +22,7 @@ pipeline ends; without them the caller hangs up.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 from collections.abc import Awaitable, Callable
@@ -40,6 +41,7 @@ from pipecat.transports.websocket.fastapi import FastAPIWebsocketParams, FastAPI
 from pipecat.workers.runner import WorkerRunner
 from pipecat_hertz import HertzDuplexService, HertzDuplexSettings
 
+from hertz_agents.errors import HertzError
 from hertz_agents.timing import SAMPLE_RATE
 
 
@@ -147,6 +149,16 @@ def gate_setting(value: str) -> float | str | None:
     return None if value == "off" else value if value == "auto" else float(value)
 
 
+def preload(model: str, prompt: str | None) -> None:
+    """Load the weights before serving, and say plainly what is wrong if they cannot be."""
+    if model.startswith("hertz://"):
+        return
+    try:
+        asyncio.run(HertzDuplexService.preload(model, prompt=prompt))
+    except HertzError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="default", help="model name, checkpoint directory, or hertz://host:port")
@@ -161,9 +173,10 @@ def main() -> None:
     parser.add_argument("--host", default="0.0.0.0")
     parser.add_argument("--port", type=int, default=8765)
     args = parser.parse_args()
-    uvicorn.run(
-        create_app(args.model, prompt=args.prompt, public_host=args.public_host), host=args.host, port=args.port
-    )
+    preload(args.model, args.prompt)
+    app = create_app(args.model, prompt=args.prompt, gate_db=args.gate_db, public_host=args.public_host)
+    logger.info(f"point your Twilio number's voice webhook at https://<public host>/twiml (port {args.port})")
+    uvicorn.run(app, host=args.host, port=args.port)
 
 
 if __name__ == "__main__":

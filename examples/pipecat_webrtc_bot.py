@@ -14,6 +14,7 @@ every call opens a cheap session on the shared engine, and concurrent calls are 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -36,6 +37,7 @@ from pipecat.transports.smallwebrtc.transport import SmallWebRTCTransport
 from pipecat.workers.runner import WorkerRunner
 from pipecat_hertz import HertzDuplexService, HertzDuplexSettings
 
+from hertz_agents.errors import HertzError
 from hertz_agents.timing import SAMPLE_RATE
 
 PAGE = Path(__file__).parent / "web" / "index.html"
@@ -122,6 +124,16 @@ def gate_setting(value: str) -> float | str | None:
     return None if value == "off" else value if value == "auto" else float(value)
 
 
+def preload(model: str, prompt: str | None) -> None:
+    """Load the weights before serving, and say plainly what is wrong if they cannot be."""
+    if model.startswith("hertz://"):
+        return
+    try:
+        asyncio.run(HertzDuplexService.preload(model, prompt=prompt))
+    except HertzError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="default", help="model name, checkpoint directory, or hertz://host:port")
@@ -136,7 +148,9 @@ def main() -> None:
     parser.add_argument("--host", default="localhost")
     parser.add_argument("--port", type=int, default=7860)
     args = parser.parse_args()
+    preload(args.model, args.prompt)
     app = create_app(args.model, prompt=args.prompt, gate_db=args.gate_db, record_dir=args.record_dir)
+    logger.info(f"open http://{args.host}:{args.port} in a browser to talk to hertz-dev")
     uvicorn.run(app, host=args.host, port=args.port)
 
 

@@ -256,3 +256,26 @@ async def test_interleaved_frame_sizes_and_rates_are_accepted(tiny_model_dir):
     assert not [f for f in up if isinstance(f, ErrorFrame)]
     assert {f.sample_rate for f in audio_of(down)} == {16000}
     assert np.isclose(sum(f.num_frames for f in audio_of(down)) / 16000, i / 48000, atol=3 * STEP_SECONDS)
+
+
+@pytest.mark.parametrize("ending", ["end", "cancel"])
+async def test_ending_the_pipeline_frees_the_engine_slot(tiny_model_dir, ending):
+    engine = identity_engine(tiny_model_dir)
+    service = HertzDuplexService(model=engine)
+    opened = []
+
+    async def feed(worker):
+        await feed_realtime(worker, speech_like(0.5, SAMPLE_RATE), SAMPLE_RATE)
+        opened.append(engine.active_sessions)
+        if ending == "cancel":
+            await worker.cancel()
+
+    try:
+        await asyncio.wait_for(run_pipeline([service, Probe()], feed), timeout=20)
+        assert opened == [1] and service.session is None
+        deadline = time.monotonic() + 2
+        while engine.active_sessions and time.monotonic() < deadline:  # noqa: ASYNC110 - the engine has no event
+            await asyncio.sleep(0.02)
+        assert engine.active_sessions == 0
+    finally:
+        engine.close()

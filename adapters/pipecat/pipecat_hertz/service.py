@@ -75,8 +75,9 @@ class HertzDuplexService(AIService):
             ``audio_out_sample_rate``; 16000, the model's rate, needs no resampling at all.
         frame_ms: Duration of the audio frames pushed downstream (the last frame of a model step
             may be shorter, so no audio waits for the next step).
-        max_output_lead_ms: Audio that may still be queued downstream when a step is pushed;
-            steps arriving in a burst after a stall are dropped beyond it (see ``pacing``).
+        max_output_lead_ms: Audio that may stay queued downstream: when steps keep arriving with
+            more than this still unplayed (the backlog after a stall), steps are dropped until the
+            queue is short again, so a stall leaves no lasting delay (see ``pacing``).
         audio_passthrough: Also push the caller's ``InputAudioRawFrame``s downstream (for a
             recorder placed after the service).
         seed: Seed of the session's sampling, for reproducible calls.

@@ -1,0 +1,273 @@
+"""The AR phase: train the quantizer, the AR trunk and the resynthesizer on a frozen codec.
+
+Each training example is a run of latents ``[T, C*32]`` (C = 2 for the duplex model: each
+channel of a stereo recording encoded alone; C = 1: the recording mixed down). Losses:
+
+* ``ce``: the trunk's logits at position t against the FSQ token of latent t+1, per channel.
+  Tokens are the quantizer's own, computed on the fly, so they follow the quantizer as it
+  learns (their index carries no gradient).
+* ``nll``: the resynthesizer's mixture at position t (which sees the code of latent t+1,
+  rolled in at its injection layer) against latent t+1, per latent dimension. The last
+  position, whose rolled code wraps around, is cropped. This loss reaches the quantizer
+  through FSQ's straight-through codes: the quantizer learns codes that say most about the
+  next latent, which is what makes its tokens worth predicting.
+
+The result is one :class:`HertzModel` (codec + quantizer + trunk + resynthesizer) written with
+:func:`hertz_agents.checkpoint.save_model`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from hertz_agents.checkpoint import load_model, save_model
+from hertz_agents.config import HertzConfig
+from hertz_agents.model.hertz import HertzModel
+from hertz_agents.model.resynthesizer import gmm_nll
+from hertz_agents.train.config import ARTrainConfig
+from hertz_agents.train.data import AudioSegmentDataset
+from hertz_agents.train.export import load_codec
+from hertz_agents.train.latents import LatentSet, cached_latents, encode_audio, sample_posterior
+from hertz_agents.train.loop import BatchStream, Trainer, clip_and_step, make_optimizer, make_scheduler
+from hertz_agents.train.runtime import Runtime, no_sync_unless, seed_everything, setup, teardown, wrap_ddp
+
+log = logging.getLogger(__name__)
+
+PARTS = ("codec", "quantizer", "ar", "resynthesizer")
+
+
+class NextStepObjective(nn.Module):
+    """``latents`` [B, T, C*32] -> per-position (ce [B, T-1], nll [B, T-1], correct [B, T-1]),
+    each averaged over channels. One ``forward`` so DDP/FSDP see one graph; the codec is not
+    part of it (it is frozen, and stays whole under FSDP)."""
+
+    def __init__(self, net: HertzModel) -> None:
+        super().__init__()
+        self.ar, self.resynthesizer = net.ar, net.resynthesizer
+        self.channels = net.channels
+
+    def forward(self, latents: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        channels = latents.chunk(self.channels, dim=-1)
+        with torch.no_grad():
+            tokens = [self.resynthesizer.quantizer(ch)[1] for ch in channels]  # [B, T] each
+        logits = self.ar(latents)
+        mixtures = self.resynthesizer(latents, None)
+        ce, nll, correct = [], [], []
+        for c, ch in enumerate(channels):
+            lg = logits[c][:, :-1].float()
+            target = tokens[c][:, 1:]
+            ce.append(F.cross_entropy(lg.transpose(1, 2), target, reduction="none"))
+            correct.append((lg.argmax(-1) == target).float())
+            params = tuple(p[:, :-1].float() for p in mixtures[c])
+            nll.append(gmm_nll(ch[:, 1:].float(), params) / ch.shape[-1])  # type: ignore[arg-type]
+        n = len(channels)
+        return sum(ce) / n, sum(nll) / n, sum(correct) / n  # type: ignore[return-value]
+
+
+def build_model(cfg: ARTrainConfig, log_info: bool = True) -> HertzModel:
+    """The model to train: from ``init_from`` (its sizes) or the config's sizes, with the codec
+    of ``codec_from`` when given."""
+    m = cfg.model
+    codec = load_codec(m.codec_from) if m.codec_from else None
+    if m.init_from:
+        # The loaded model itself is trained (no second copy: the full-size one is 34 GB in fp32).
+        net = load_model(m.init_from, device="cpu", dtype=torch.float32).train().requires_grad_(True)
+        for t in [*net.parameters(), *net.buffers()]:  # own memory, not the file's mapping
+            t.data = t.data.clone()
+        config = net.config
+        if codec is not None and codec.config != config.codec:
+            config = HertzConfig(config.split, codec.config, config.ar, config.resynthesizer, config.quantizer)
+            net.config = config
+            net.codec = type(net.codec)(codec.config)
+        if config.split != m.split:
+            raise ValueError(f"init_from {m.init_from} is split={config.split} but model.split={m.split}")
+        if log_info:
+            log.info("starting from %s", m.init_from)
+    else:
+        if codec is None:
+            raise ValueError("model.codec_from is required when not starting from a full model (model.init_from)")
+        config = HertzConfig(m.split, codec.config, cfg.ar, cfg.resynthesizer, cfg.quantizer)
+        net = HertzModel(config)
+    if config.ar.vocab_size != config.quantizer.codebook_size:
+        raise ValueError(
+            f"ar.vocab_size {config.ar.vocab_size} != quantizer codebook {config.quantizer.codebook_size}"
+            f" (the product of fsq_levels {config.quantizer.fsq_levels})"
+        )
+    if codec is not None:
+        net.codec.load_state_dict(codec.state_dict())
+    return net
+
+
+def freeze(net: HertzModel, parts: tuple[str, ...]) -> None:
+    """Stop gradients to the named parts; the codec is always frozen in this phase."""
+    unknown = set(parts) - set(PARTS)
+    if unknown:
+        raise ValueError(f"model.freeze has unknown parts {sorted(unknown)}; known: {list(PARTS)}")
+    net.codec.requires_grad_(False)
+    if "ar" in parts:
+        net.ar.requires_grad_(False)
+    if "resynthesizer" in parts:
+        for name, child in net.resynthesizer.named_children():
+            if name != "quantizer":
+                child.requires_grad_(False)
+    if "quantizer" in parts:
+        net.resynthesizer.quantizer.requires_grad_(False)
+
+
+class ARTask:
+    """Quantizer + trunk + resynthesizer on a frozen codec; one optimizer."""
+
+    def __init__(self, cfg: ARTrainConfig, rt: Runtime, net: HertzModel, cached: bool) -> None:
+        self.cfg, self.rt, self.cached = cfg, rt, cached
+        self.sharded = rt.distributed and cfg.run.strategy == "fsdp"
+        if cfg.run.strategy not in ("ddp", "fsdp"):
+            raise ValueError(f"run.strategy must be 'ddp' or 'fsdp', got {cfg.run.strategy!r}")
+        freeze(net, cfg.model.freeze)
+        self.net = net.to(rt.device)
+        self.net.codec.eval()
+        self.objective = self._wrap(NextStepObjective(self.net))
+        self.modules: dict[str, nn.Module] = {"model": self.net}
+        trainable = [p for p in self.net.parameters() if p.requires_grad]
+        if not trainable:
+            raise ValueError("model.freeze leaves nothing to train")
+        self.opt = make_optimizer(trainable, cfg.optim)
+        self.optimizers: dict[str, torch.optim.Optimizer] = {"model": self.opt}
+        self.schedulers: dict[str, torch.optim.lr_scheduler.LRScheduler] = {
+            "model": make_scheduler(self.opt, cfg.optim)
+        }
+
+    def _wrap(self, objective: NextStepObjective) -> nn.Module:
+        if self.sharded:
+            # FSDP2: each transformer block is one unit (gathered for its forward, freed after);
+            # the root unit holds the rest (projections, heads, quantizer, frozen codec).
+            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+            mp = (
+                MixedPrecisionPolicy(param_dtype=self.rt.autocast_dtype)
+                if self.rt.autocast_dtype
+                else MixedPrecisionPolicy()
+            )
+            for block in [*self.net.ar.layers, *self.net.resynthesizer.stack.layers]:
+                fully_shard(block, mp_policy=mp)
+            fully_shard(objective, mp_policy=mp)
+            return objective
+        return wrap_ddp(objective, self.rt)
+
+    def latents_of(self, batch: Tensor) -> Tensor:
+        """A batch as latents ``[B, T, C*32]``: cached (mu or mu/logvar) or audio to encode."""
+        sample = self.cfg.model.latents == "sample"
+        if not self.cached:
+            batch = encode_audio(self.net.codec, batch, with_logvar=sample)
+        return sample_posterior(batch) if sample else batch
+
+    def train_step(self, batches: list[Tensor], step: int) -> dict[str, Tensor]:
+        w, n = self.cfg.loss, len(batches)
+        totals: dict[str, Tensor] = {}
+        for i, batch in enumerate(batches):
+            latents = self.latents_of(batch)
+            with no_sync_unless(i == n - 1, self.objective):
+                with self.rt.autocast():
+                    ce, nll, correct = self.objective(latents)
+                ce, nll = ce.mean(), nll.mean()
+                loss = w.ce * ce + w.nll * nll
+                (loss / n).backward()
+            for k, v in (("loss", loss), ("ce", ce), ("nll", nll), ("accuracy", correct.mean())):
+                totals[k] = totals.get(k, 0) + v.detach() / n
+        params = [p for p in self.net.parameters() if p.requires_grad]
+        norm = clip_and_step(self.opt, params, self.cfg.optim.grad_clip)
+        totals["grad_norm"] = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # DTensor under FSDP
+        self.schedulers["model"].step()
+        return totals
+
+    @torch.no_grad()
+    def validate_batch(self, batch: Tensor) -> dict[str, Tensor]:
+        """Scores the posterior mean, through the unwrapped net (no DDP hooks)."""
+        if not self.cached:
+            latents = encode_audio(self.net.codec, batch)
+        else:
+            latents = batch[:, 0] if batch.dim() == 4 else batch  # (mu, logvar) caches: the mean
+        objective = self.objective if self.sharded else NextStepObjective(self.net)
+        ce, nll, correct = objective(latents)
+        return {"ce": ce.mean(1), "nll": nll.mean(1), "accuracy": correct.mean(1)}
+
+    def export(self, directory: Path, info: dict[str, Any], states: dict[str, Any]) -> None:
+        net = self.net
+        if self.sharded:  # a plain model from the gathered weights
+            net = HertzModel(self.net.config)
+            net.load_state_dict(states["model"])
+        save_model(net, directory, extra={"training": {"phase": "ar", **info}, "notes": self.cfg.run.run_name})
+
+
+def ar_trainer(cfg: ARTrainConfig, rt: Runtime) -> Trainer:
+    """The AR phase's :class:`Trainer` (model, data, task and loop), for a runtime already set up."""
+    seed_everything(cfg.run.seed)  # every rank builds the same initial weights
+    out = Path(cfg.run.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    net = build_model(cfg, log_info=rt.is_main)
+    d, m = cfg.data, cfg.model
+    channels = 2 if net.config.split else 1
+    rate = net.config.codec.sample_rate
+    if m.latents not in ("mean", "sample"):
+        raise ValueError(f"model.latents must be 'mean' or 'sample', got {m.latents!r}")
+    with_logvar = m.latents == "sample"
+    codec = net.codec.to(rt.device).eval()
+
+    def audio(root: str, crop: bool) -> AudioSegmentDataset:
+        return AudioSegmentDataset(root, channels, d.segment_seconds, rate, random_crop=crop, seed=cfg.run.seed)
+
+    def latent_set(root: str, name: str, limit: int) -> LatentSet:
+        path = out / "latents" / f"{name}.pt"
+        if rt.is_main:  # one process encodes, the others read its file
+            cached_latents(path, codec, audio(root, False), limit, with_logvar, progress=cfg.log.progress)
+        rt.barrier()
+        return LatentSet(torch.load(path, map_location="cpu", weights_only=False)["latents"])
+
+    stream: BatchStream
+    if m.cache_latents:
+        train_latents = latent_set(d.train, "train", d.max_items)
+        stream = BatchStream(lambda: train_latents, cfg.optim.batch_size, rt, cfg.run.seed, d.workers)
+    else:
+        stream = BatchStream(lambda: audio(d.train, True), cfg.optim.batch_size, rt, cfg.run.seed, d.workers, d.rescan)
+
+    val_latents = latent_set(d.val, "val", d.val_items) if m.cache_latents and d.val else None
+
+    def val_set() -> Any:
+        if not d.val:
+            return None
+        return val_latents if m.cache_latents else audio(d.val, False)
+
+    if rt.is_main:
+        log.info(
+            "ar: %d training items of %.1f s, model %s",
+            len(stream.dataset),  # type: ignore[arg-type]
+            d.segment_seconds,
+            {k: f"{sum(p.numel() for p in v.parameters()) / 1e6:.2f}M" for k, v in net.named_children()},
+        )
+    task = ARTask(cfg, rt, net, cached=m.cache_latents)
+    return Trainer(task, stream, val_set, rt, cfg.run, cfg.optim, cfg.log, cfg)
+
+
+def train_ar(cfg: ARTrainConfig, resume: str | Path | None = None) -> Path:
+    """Run the AR phase; returns the model directory it wrote (``<out_dir>/final``)."""
+    rt = setup(cfg.run)
+    try:
+        return ar_trainer(cfg, rt).fit(resume)
+    finally:
+        teardown()
+
+
+def unigram_entropy(tokens: Tensor, vocab: int) -> float:
+    """Entropy in nats of the tokens' empirical distribution (the loss of a context-free guess)."""
+    counts = torch.bincount(tokens.flatten(), minlength=vocab).double()
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * p.log()).sum()) if len(p) else math.nan
+
+
+__all__ = ["ARTask", "NextStepObjective", "ar_trainer", "build_model", "freeze", "train_ar", "unigram_entropy"]

@@ -115,7 +115,9 @@ def _load_pt(path: Path) -> dict[str, Tensor]:
     return dict(state)
 
 
-def load_official_states(model: HertzModel, states: Mapping[str, Mapping[str, Tensor]], names: Mapping[str, str]) -> None:
+def load_official_states(
+    model: HertzModel, states: Mapping[str, Mapping[str, Tensor]], names: Mapping[str, str]
+) -> None:
     """Load official state dicts (role -> state) into ``model``, checking every key and shape."""
     assign = next(model.parameters()).is_meta
     check_and_load(model.codec, official_codec_state(dict(states["codec"])), names["codec"], assign=assign)

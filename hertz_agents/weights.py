@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import re
 
-import torch
 from torch import Tensor, nn
 
 from hertz_agents.errors import CheckpointError

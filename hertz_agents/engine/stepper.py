@@ -40,7 +40,8 @@ class Stepper:
     ) -> Tensor:
         """Step the first ``rows`` slots where ``active`` [rows]; caller audio [rows, hop] -> model audio."""
         t, codec = self.table, self.model.codec
-        mu, encoder_state = codec.encode_step(audio[:, None, :].to(t.history.dtype), [s[:rows] for s in t.encoder_state])
+        wave = audio[:, None, :].to(t.history.dtype)
+        mu, encoder_state = codec.encode_step(wave, [s[:rows] for s in t.encoder_state])
         for state, new in zip(t.encoder_state, encoder_state):
             masked_assign(state[:rows], new, active)
         x = torch.cat((mu[:, 0], t.model_latent[:rows]), dim=-1)  # [rows, 2 * latent]
@@ -65,7 +66,8 @@ class Stepper:
         t, rows = self.table, slice(slot, slot + 1)
         positions = torch.arange(latents.shape[0], device=latents.device)[None]
         self.model.ar(latents[None], positions, t.caches.ar, rows, last_only=True)
-        self.model.resynthesizer(latents[None], next_tokens[None], positions, t.caches.resynthesizer, rows, last_only=True)
+        resynth_cache = t.caches.resynthesizer
+        self.model.resynthesizer(latents[None], next_tokens[None], positions, resynth_cache, rows, last_only=True)
         t.history[slot, : latents.shape[0]] = latents
         t.positions[slot] = latents.shape[0]
         t.last_tokens[slot] = next_tokens

@@ -29,6 +29,9 @@ def add_serve_command(commands) -> None:
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default: {DEFAULT_PORT}; 0 picks a free one)")
     p.add_argument("--max-sessions", type=int, default=8, help="concurrent sessions, batched together (default: 8)")
     p.add_argument("--context", type=int, default=None, help="context steps per session (default: the model's)")
+    p.add_argument("--max-input-backlog", type=int, default=4, metavar="STEPS",
+                   help="input steps a session may queue while compute is behind before the oldest is dropped "
+                   "(default: 4, 0.5 s; more rides out hiccups at the cost of latency)")
     p.add_argument("--token", default=None, help="bearer token clients must send (better: --token-file or "
                    "$HERTZ_TOKEN); required when --host is not a loopback address")
     p.add_argument("--token-file", default=None, help="read the token from this file")
@@ -84,7 +87,8 @@ def run(args: argparse.Namespace) -> int:
         raise HertzError(str(e)) from e
     config = ServerConfig(limits=limits, token=token, prompts=prompts, default_prompt=args.default_prompt,
                           allow_inline_prompts=not args.no_inline_prompts, model_name=str(args.model))
-    engine = Engine(load(args), max_sessions=args.max_sessions, context=args.context)
+    engine = Engine(load(args), max_sessions=args.max_sessions, context=args.context,
+                    max_input_backlog=args.max_input_backlog)
     try:
         for name, path in prompts.items():  # prefill each prompt now, not during someone's call
             engine.open(lambda audio, info: None, prompt=path).close()

@@ -291,6 +291,9 @@ class RemoteHandle:
         self._io = _io()
         self._ws: aiohttp.ClientWebSocketResponse | None = None
         self._reader: asyncio.Task | None = None
+        self._sender: asyncio.Task | None = None
+        self._outbox: asyncio.Queue[tuple[int, bytes | str]] | None = None  # (connection generation, item)
+        self._generation = 0  # bumped per connection: steps queued for a lost one are not resent
         self._next_seq = 0
         self._pending: deque[tuple[int, np.ndarray, float]] = deque()  # (seq, audio, complete_at), I/O thread only
         self._steps = 0
@@ -327,6 +330,8 @@ class RemoteHandle:
     # -- I/O thread -------------------------------------------------------------------------
     async def _start(self) -> None:
         self._ws = await self._connect()
+        self._outbox = asyncio.Queue()
+        self._sender = asyncio.ensure_future(self._send_loop())
         self._reader = asyncio.ensure_future(self._read_loop())
 
     async def _connect(self) -> aiohttp.ClientWebSocketResponse:
@@ -355,6 +360,7 @@ class RemoteHandle:
             self.session_id = reply.session_id
             self.engine.info.update(active_sessions=reply.active_sessions, max_sessions=reply.max_sessions)
             self._next_seq = 0
+            self._generation += 1
             return ws
         await ws.close()
         if isinstance(reply, p.Error):
@@ -364,41 +370,54 @@ class RemoteHandle:
 
     def _send_step(self, data: bytes, audio: np.ndarray, complete_at: float) -> None:
         ws = self._ws
-        if self.closed or ws is None or ws.closed:
+        if self.closed or ws is None or ws.closed or self._outbox is None:
             self.metrics.dropped_input_steps += 1  # reconnecting: this step is lost
             return
         self._pending.append((self._next_seq, audio, complete_at))
         self._next_seq += 1
-        asyncio.ensure_future(self._send(ws, data))
+        self._outbox.put_nowait((self._generation, data))
 
     def _send_json(self, text: str) -> None:
-        if self._ws is not None and not self._ws.closed:
-            asyncio.ensure_future(self._send(self._ws, text))
+        if self._outbox is not None:
+            self._outbox.put_nowait((self._generation, text))
 
-    @staticmethod
-    async def _send(ws: aiohttp.ClientWebSocketResponse, item: bytes | str) -> None:
-        try:
-            if isinstance(item, bytes):
-                await ws.send_bytes(item)
-            else:
-                await ws.send_str(item)
-        except (ConnectionError, RuntimeError, aiohttp.ClientError):
-            pass  # the read loop notices the loss and reconnects
+    async def _send_loop(self) -> None:
+        """One writer per session, so messages leave in the order they were queued."""
+        assert self._outbox is not None
+        while True:
+            generation, item = await self._outbox.get()
+            ws = self._ws
+            if generation != self._generation or ws is None or ws.closed:
+                continue  # meant for a connection that is gone
+            try:
+                if isinstance(item, bytes):
+                    await ws.send_bytes(item)
+                else:
+                    await ws.send_str(item)
+            except (ConnectionError, RuntimeError, aiohttp.ClientError):
+                pass  # the read loop notices the loss and reconnects
 
     async def _read_loop(self) -> None:
         while not self.closed:
             ws = self._ws
             assert ws is not None
             ended: p.Ended | p.Error | None = None
-            async for msg in ws:
-                if msg.type == aiohttp.WSMsgType.BINARY:
-                    self._on_frame(p.decode_output(msg.data))
-                elif msg.type == aiohttp.WSMsgType.TEXT:
-                    reply = p.parse_server_message(msg.data)
-                    if isinstance(reply, p.MetricsReply) and self._metrics_reply and not self._metrics_reply.done():
-                        self._metrics_reply.set_result({"session": reply.session, "server": reply.server})
-                    elif isinstance(reply, (p.Ended, p.Error)):
-                        ended = reply
+            try:
+                async for msg in ws:
+                    if msg.type == aiohttp.WSMsgType.BINARY:
+                        self._on_frame(p.decode_output(msg.data))
+                    elif msg.type == aiohttp.WSMsgType.TEXT:
+                        reply = p.parse_server_message(msg.data)
+                        if isinstance(reply, p.MetricsReply) and self._metrics_reply and not self._metrics_reply.done():
+                            self._metrics_reply.set_result({"session": reply.session, "server": reply.server})
+                        elif isinstance(reply, (p.Ended, p.Error)):
+                            ended = reply
+            except p.ProtocolError as e:  # a server that breaks the protocol: do not trust it further
+                await ws.close()
+                self._fail(HertzError(f"the hertz server at {self.engine.address} sent a bad message: {e}"))
+                return
+            except (aiohttp.ClientError, ConnectionError, asyncio.TimeoutError):
+                pass  # a lost connection: handled below
             if self.closed:
                 return
             cause = self._loss_cause(ws, ended)
@@ -448,6 +467,8 @@ class RemoteHandle:
             return
         self.error = error
         self.closed = True
+        if self._sender is not None:
+            self._sender.cancel()
         self.engine._handles.discard(self)
         log.warning("remote session ended: %s", error)
         if self._on_closed is not None:
@@ -490,8 +511,9 @@ class RemoteHandle:
                 await ws.close()
             except (ConnectionError, RuntimeError, aiohttp.ClientError):
                 pass
-        if self._reader is not None:
-            self._reader.cancel()
+        for task in (self._reader, self._sender):
+            if task is not None:
+                task.cancel()
 
 
 def _error_from(error: p.Error, address: ServerAddress) -> BaseException:

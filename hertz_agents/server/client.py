@@ -19,17 +19,13 @@ in the gap are counted as dropped. When every attempt fails the session ends wit
 from __future__ import annotations
 
 import asyncio
-import atexit
 import logging
-import os
-import threading
 import time
 from collections import deque
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
-from urllib.parse import parse_qs, urlsplit
+from typing import Any
 
 import aiohttp
 import numpy as np
@@ -38,151 +34,25 @@ from hertz_agents.errors import AudioInputError, EngineFull, HertzError, Session
 from hertz_agents.metrics import SessionMetrics
 from hertz_agents.sampling import SamplingSettings
 from hertz_agents.server import protocol as p
-from hertz_agents.server.auth import TOKEN_ENV
+from hertz_agents.server.transport import (
+    AuthenticationFailed,
+    ReconnectPolicy,
+    ServerAddress,
+    ServerGone,
+    ServerUnavailable,
+    error_from,
+    fetch_info,
+    io_thread,
+    unavailable,
+)
 from hertz_agents.timing import SAMPLE_RATE, SAMPLES_PER_STEP
+
+__all__ = ["AuthenticationFailed", "ReconnectPolicy", "RemoteEngine", "RemoteHandle", "RemoteStepInfo",
+           "ServerAddress", "ServerGone", "ServerUnavailable"]
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
-SCHEME = "hertz://"
 OutputCallback = Callable[[np.ndarray, Any], None]
-
-
-class ServerUnavailable(HertzError, ConnectionError):
-    """No hertz server answers at the address, or it takes no sessions now (shutting down)."""
-
-
-class AuthenticationFailed(HertzError, PermissionError):
-    """The server refused the token."""
-
-
-class ServerGone(SessionClosed):
-    """A session lost its server and every reconnection attempt failed."""
-
-
-@dataclass(frozen=True)
-class ReconnectPolicy:
-    """How a session that loses its server tries again: ``attempts`` tries with doubling delays."""
-
-    attempts: int = 5
-    initial_delay: float = 0.2
-    max_delay: float = 2.0
-
-    def delays(self) -> Iterator[float]:
-        delay = self.initial_delay
-        for _ in range(self.attempts):
-            yield delay
-            delay = min(delay * 2, self.max_delay)
-
-
-@dataclass(frozen=True)
-class ServerAddress:
-    host: str
-    port: int
-    tls: bool = False
-    token: str | None = None
-
-    @classmethod
-    def parse(cls, url: str, token: str | None = None) -> tuple[ServerAddress, dict[str, str]]:
-        if not url.startswith(SCHEME):
-            raise ValueError(f"a remote engine URL looks like hertz://HOST:PORT, got {url!r}")
-        parts = urlsplit("http://" + url[len(SCHEME):])
-        query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
-        if not parts.hostname:
-            raise ValueError(f"no host in {url!r}; use hertz://HOST:PORT")
-        tls = query.get("tls", "0").lower() in ("1", "true", "yes")
-        port = parts.port or (443 if tls else 8000)
-        token = token or query.get("token") or os.environ.get(TOKEN_ENV) or None
-        return cls(parts.hostname, port, tls, token), query
-
-    def url(self, path: str, websocket: bool = False) -> str:
-        scheme = ("wss" if self.tls else "ws") if websocket else ("https" if self.tls else "http")
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{scheme}://{host}:{self.port}{path}"
-
-    @property
-    def headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.token}"} if self.token else {}
-
-    def __str__(self) -> str:
-        return f"{SCHEME}{self.host}:{self.port}"
-
-
-class _IOThread:
-    """One event loop on a daemon thread for every remote socket of the process."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self._http: aiohttp.ClientSession | None = None
-        self.thread = threading.Thread(target=self.loop.run_forever, name="hertz-remote-io", daemon=True)
-        self.thread.start()
-
-    def submit(self, coro: Coroutine[Any, Any, T]):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop)
-
-    def run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
-        if threading.current_thread() is self.thread:
-            raise RuntimeError("blocking remote calls cannot run on the remote I/O thread")
-        return self.submit(coro).result(timeout)
-
-    def call(self, fn: Callable[..., Any], *args: Any) -> None:
-        try:
-            self.loop.call_soon_threadsafe(fn, *args)
-        except RuntimeError:  # the loop is closed (interpreter exit)
-            pass
-
-    def http(self) -> aiohttp.ClientSession:
-        """The shared aiohttp session (only on the I/O thread)."""
-        if self._http is None or self._http.closed:
-            self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=10))
-        return self._http
-
-    def stop(self) -> None:
-        async def close() -> None:
-            if self._http is not None:
-                await self._http.close()
-
-        if self.loop.is_running():
-            try:
-                self.submit(close()).result(2)
-            except Exception:
-                pass
-            self.loop.call_soon_threadsafe(self.loop.stop)
-
-
-_io_thread: _IOThread | None = None
-_io_lock = threading.Lock()
-
-
-def _io() -> _IOThread:
-    global _io_thread
-    with _io_lock:
-        if _io_thread is None:
-            _io_thread = _IOThread()
-            atexit.register(_io_thread.stop)
-        return _io_thread
-
-
-def _unavailable(address: ServerAddress, e: BaseException) -> ServerUnavailable:
-    return ServerUnavailable(f"no hertz server answers at {address} ({type(e).__name__}: {e}); start one with "
-                             f"`hertz-agents serve --model MODEL --port {address.port}` or check the host and port")
-
-
-async def _fetch_info(address: ServerAddress, timeout: float) -> dict[str, Any]:
-    try:
-        async with _io().http().get(address.url(p.INFO_PATH), headers=address.headers,
-                                    timeout=aiohttp.ClientTimeout(total=timeout)) as r:
-            status = r.status
-            info = await r.json() if status == 200 else None
-    except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as e:
-        raise _unavailable(address, e) from e
-    if status == 401:
-        raise AuthenticationFailed(f"the hertz server at {address} refused the token; pass the server's "
-                                   f"token (hertz://...?token=, token=, or ${TOKEN_ENV})")
-    if not isinstance(info, dict):
-        raise ServerUnavailable(f"the server at {address} answered {status} to {p.INFO_PATH}; "
-                                "is it a hertz-agents server?")
-    return info
 
 
 class RemoteEngine:
@@ -204,7 +74,7 @@ class RemoteEngine:
         address, query = ServerAddress.parse(url, token)
         if reconnect is None:
             reconnect = ReconnectPolicy(attempts=int(query["reconnect"])) if "reconnect" in query else ReconnectPolicy()
-        info = await asyncio.wrap_future(_io().submit(_fetch_info(address, timeout)))
+        info = await asyncio.wrap_future(io_thread().submit(fetch_info(address, timeout)))
         if info.get("protocol") != p.PROTOCOL_VERSION:
             raise HertzError(f"the server at {address} speaks protocol {info.get('protocol')!r}, this client "
                              f"{p.PROTOCOL_VERSION}; install matching hertz-agents versions")
@@ -224,7 +94,7 @@ class RemoteEngine:
 
     def refresh(self) -> dict[str, Any]:
         """Ask the server for its current figures (blocking)."""
-        self.info = _io().run(_fetch_info(self.address, self.timeout))
+        self.info = io_thread().run(fetch_info(self.address, self.timeout))
         return self.info
 
     def open(self, on_output: OutputCallback, *, sampling: SamplingSettings | None = None,
@@ -232,7 +102,7 @@ class RemoteEngine:
              on_closed: Callable[[BaseException], None] | None = None) -> RemoteHandle:
         """Start a session on the server (blocking: one round trip, plus a new prompt's prefill there)."""
         handle = RemoteHandle(self, on_output, sampling or SamplingSettings(), _prompt_message(prompt), seed, on_closed)
-        _io().run(handle._start(), timeout=self.timeout + 60)
+        io_thread().run(handle._start(), timeout=self.timeout + 60)
         self._handles.add(handle)
         return handle
 
@@ -288,7 +158,7 @@ class RemoteHandle:
         self.error: BaseException | None = None
         self.reconnects = 0
         self.session_id = ""
-        self._io = _io()
+        self._io = io_thread()
         self._ws: aiohttp.ClientWebSocketResponse | None = None
         self._reader: asyncio.Task | None = None
         self._sender: asyncio.Task | None = None
@@ -347,14 +217,14 @@ class RemoteHandle:
                 raise AuthenticationFailed(f"the hertz server at {address} refused the token") from e
             raise ServerUnavailable(f"the hertz server at {address} refused the session (HTTP {e.status})") from e
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
-            raise _unavailable(address, e) from e
+            raise unavailable(address, e) from e
         start = p.Start(sampling=self.sampling, prompt=self._prompt, seed=self._seed)
         try:
             await ws.send_str(p.encode(start))
             msg = await ws.receive(timeout=self.engine.timeout + 60)  # the server may prefill a new prompt
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
             await ws.close()
-            raise _unavailable(address, e) from e
+            raise unavailable(address, e) from e
         reply = p.parse_server_message(msg.data) if msg.type == aiohttp.WSMsgType.TEXT else None
         if isinstance(reply, p.Started):
             self.session_id = reply.session_id
@@ -364,7 +234,7 @@ class RemoteHandle:
             return ws
         await ws.close()
         if isinstance(reply, p.Error):
-            raise _error_from(reply, address)
+            raise error_from(reply, address)
         raise ServerUnavailable(f"the hertz server at {address} closed the session before starting it "
                                 f"({msg.type.name} {ws.close_code})")
 
@@ -431,7 +301,7 @@ class RemoteHandle:
         """None when the loss is worth a reconnect, else the error that ends the session."""
         address = self.engine.address
         if isinstance(ended, p.Error):
-            return _error_from(ended, address)
+            return error_from(ended, address)
         if isinstance(ended, p.Ended) and ended.reason not in ("shutdown",):
             return SessionClosed(f"the hertz server at {address} ended the session ({ended.reason})")
         return None
@@ -514,15 +384,3 @@ class RemoteHandle:
         for task in (self._reader, self._sender):
             if task is not None:
                 task.cancel()
-
-
-def _error_from(error: p.Error, address: ServerAddress) -> BaseException:
-    """The server's refusal as the exception a local engine would raise for the same cause."""
-    message = f"hertz server at {address}: {error.message} ({error.code})"
-    if error.code == p.ErrorCode.SERVER_FULL.value:
-        return EngineFull(message)
-    if error.code == p.ErrorCode.DRAINING.value:
-        return ServerUnavailable(message)
-    if error.code in (p.ErrorCode.UNKNOWN_PROMPT.value, p.ErrorCode.BAD_PROMPT.value):
-        return AudioInputError(message)
-    return SessionClosed(message)

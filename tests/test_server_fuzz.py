@@ -116,6 +116,21 @@ async def expect_refusal(port: int, frames: list[bytes], code: str | None, close
         assert got_close in (close if isinstance(close, tuple) else (close,)), (got_close, messages)
 
 
+def _start_with_prompt(audio: bytes) -> bytes:
+    prompt = {"audio_base64": base64.b64encode(audio).decode()}
+    return json.dumps({"type": "start", "version": 1, "prompt": prompt}).encode()
+
+
+def _wav_bytes() -> bytes:
+    import io
+
+    import soundfile as sf
+
+    buffer = io.BytesIO()
+    sf.write(buffer, np.zeros(SAMPLE_RATE, np.float32), SAMPLE_RATE, format="WAV", subtype="PCM_16")
+    return buffer.getvalue()
+
+
 def _step_pcm(n: int = 1) -> bytes:
     return (np.zeros(n * SAMPLES_PER_STEP, np.int16) + 300).tobytes()
 
@@ -135,6 +150,8 @@ async def test_bad_inputs_end_only_their_own_session(server, engine):
         ([frame(text, b'{"type": "start", "version": 0}')], "unsupported_version", 1008),
         ([frame(text, b'{"type": "start", "version": 1, "sampling": {"token_temp": -3}}')], "bad_request", 1008),
         ([frame(text, b'{"type": "start", "version": 1, "prompt": {"name": "nobody"}}')], "unknown_prompt", 1008),
+        ([frame(text, _start_with_prompt(os.urandom(2000)))], "bad_prompt", 1008),  # not an audio file
+        ([frame(text, _start_with_prompt(_wav_bytes()[:60]))], "bad_prompt", 1008),  # a truncated WAV
         ([frame(text, b"\xff\xfe invalid utf-8")], None, 1007),
         ([frame(text, b"x" * (3 * 1024 * 1024))], None, (1009, None)),  # too big: closed (maybe reset mid-send)
         ([frame(text, START.encode()), frame(binary, b"\0" * 3)], "bad_audio", 1007),  # odd byte count

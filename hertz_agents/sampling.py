@@ -49,6 +49,9 @@ class SamplingTensors:
     gaussian_temp: Tensor
     top_p: Tensor
     min_p: Tensor
+    # Decided on the host from the settings: the top-p/min-p filter sorts the whole vocabulary,
+    # the costliest part of sampling, so it only runs when some row asks for it.
+    filtered: bool = False
 
     @classmethod
     def from_settings(cls, settings: list[SamplingSettings], device=None) -> SamplingTensors:
@@ -61,10 +64,12 @@ class SamplingTensors:
             col(lambda s: s.gaussian_temp),
             col(lambda s: 1.0 if s.top_p is None else s.top_p),
             col(lambda s: 0.0 if s.min_p is None else s.min_p),
+            filtered=any((s.top_p is not None and s.top_p < 1) or bool(s.min_p) for s in settings),
         )
 
     def select(self, rows: Tensor) -> SamplingTensors:
-        return SamplingTensors(*(t.index_select(0, rows) for t in dataclasses.astuple(self)))
+        tensors = (self.token_temp, self.categorical_temp, self.gaussian_temp, self.top_p, self.min_p)
+        return SamplingTensors(*(t.index_select(0, rows) for t in tensors), filtered=self.filtered)
 
 
 def _noise(kind: str, shape: tuple[int, ...], generators, device) -> Tensor:
@@ -106,7 +111,7 @@ def sample_token(logits: Tensor, sampling: SamplingTensors, generators=None) -> 
     # Temperature first, as the original, then the nucleus / min-p filter on the tempered dist.
     temp = sampling.token_temp[:, None].to(logits.dtype)
     tempered = logits.float() / torch.where(temp > 0, temp, torch.ones_like(temp))
-    filtered = filter_logits(tempered, sampling.top_p, sampling.min_p)
+    filtered = filter_logits(tempered, sampling.top_p, sampling.min_p) if sampling.filtered else tempered
     ones = torch.ones_like(sampling.token_temp)
     return _pick(filtered, torch.where(sampling.token_temp > 0, ones, sampling.token_temp), generators)
 

@@ -55,6 +55,7 @@ class DuplexSession:
         self._max_output_backlog = max_output_backlog
         self._handle: Any = None
         self._closed = False
+        self._error: BaseException | None = None
         self._record_lock = threading.Lock()
         self._record: sf.SoundFile | None = None
         self._record_model_prev = np.zeros(SAMPLES_PER_STEP, dtype=np.float32)
@@ -82,7 +83,10 @@ class DuplexSession:
                       max_output_backlog=max_output_backlog)
         backend = await session._backend(engine)
         opening = asyncio.ensure_future(
-            asyncio.to_thread(backend.open, session._on_output, sampling=sampling, prompt=prompt, seed=seed)
+            asyncio.to_thread(
+                backend.open, session._on_output, sampling=sampling, prompt=prompt, seed=seed,
+                on_closed=session._on_backend_closed,
+            )
         )
         try:
             session._handle = await asyncio.shield(opening)
@@ -112,7 +116,7 @@ class DuplexSession:
     def push_audio_nowait(self, audio: bytes | np.ndarray, sample_rate: int, channels: int = 1) -> None:
         """Queue caller audio: int16 bytes or an int16/float array, any rate, any frame size."""
         if self._closed:
-            raise SessionClosed("this session is closed; open a new one")
+            raise self._error or SessionClosed("this session is closed; open a new one")
         if self._input is None:
             self._input = StepInput(sample_rate, channels)
         now = time.monotonic()
@@ -145,10 +149,26 @@ class DuplexSession:
             self.metrics.dropped_output_steps += 1
         self._has_output.set()
 
+    def _on_backend_closed(self, error: BaseException) -> None:
+        """The engine or server ended this session (any thread): wake readers with the reason."""
+        try:
+            self._loop.call_soon_threadsafe(self._backend_closed, error)
+        except RuntimeError:  # the event loop is gone
+            pass
+
+    def _backend_closed(self, error: BaseException) -> None:
+        if self._closed:
+            return
+        self._error, self._closed = error, True
+        self._close_recording()
+        self._has_output.set()
+
     async def read(self) -> OutputChunk:
-        """The next output chunk; raises SessionClosed once the session is closed."""
+        """The next output chunk; raises SessionClosed (or the backend's reason) once closed."""
         while not self._outbox:
             if self._closed:
+                if self._error is not None:
+                    raise self._error
                 raise SessionClosed("this session is closed")
             self._has_output.clear()
             await self._has_output.wait()
@@ -160,7 +180,9 @@ class DuplexSession:
     async def __anext__(self) -> OutputChunk:
         try:
             return await self.read()
-        except SessionClosed:
+        except SessionClosed as e:
+            if e is self._error:
+                raise  # ended by the backend (server gone, engine closed): not a normal end
             raise StopAsyncIteration from None
 
     # -- control ----------------------------------------------------------------------------

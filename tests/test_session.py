@@ -126,3 +126,15 @@ async def test_cancelling_open_gives_the_slot_back(engine, tmp_path):
             break
         await asyncio.sleep(0.05)
     assert engine.active_sessions == before
+
+
+async def test_a_reader_is_woken_when_the_engine_ends_the_session(tiny_model_dir):
+    """The backend ending a session (engine closed, server gone) reaches a waiting reader with the reason."""
+    eng = Engine(load_model(tiny_model_dir, device="cpu"), max_sessions=1, context=64, stall_timeout=30)
+    session = await DuplexSession.open(eng)
+    reader = asyncio.ensure_future(session.read())
+    await asyncio.sleep(0.05)
+    await asyncio.to_thread(eng.close)
+    with pytest.raises(SessionClosed, match="engine was closed"):
+        await asyncio.wait_for(reader, 10)
+    assert session.closed

@@ -19,7 +19,7 @@ import atexit
 import logging
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -40,6 +40,10 @@ from hertz_agents.timing import SAMPLES_PER_STEP, STEP_SECONDS
 log = logging.getLogger(__name__)
 
 OutputCallback = Callable[[np.ndarray, "StepInfo"], None]
+ClosedCallback = Callable[[BaseException], None]
+
+PROMPT_CACHE_SIZE = 16
+"""Prompt prefills kept per engine (least recently used dropped first)."""
 
 
 @dataclass
@@ -63,6 +67,7 @@ class SlotHandle:
     on_output: OutputCallback
     sampling: SamplingSettings
     generator: torch.Generator
+    on_closed: ClosedCallback | None = None  # told when the engine, not the session, ends it
     metrics: SessionMetrics = field(default_factory=SessionMetrics)
     inbox: deque = field(default_factory=deque)
     next_due: float = field(default_factory=time.monotonic)
@@ -136,7 +141,7 @@ class Engine:
         self.silence = silence_latent(model, self.device, self.dtype)
         self._scratch_generator = torch.Generator(device=self.device)
         self._handles: list[SlotHandle | None] = [None] * max_sessions
-        self._prompts: dict[tuple, PromptPrefill] = {}
+        self._prompts: OrderedDict[tuple, PromptPrefill] = OrderedDict()
         self._lock = threading.Lock()
         self._commands: deque[tuple[Callable[[], None], Future]] = deque()
         self._wakeup = threading.Event()
@@ -160,6 +165,11 @@ class Engine:
         """Share of slots in use, 0..1 (for LiveKit's ``load_fnc`` and the server)."""
         return self.active_sessions / self.max_sessions
 
+    @property
+    def alive(self) -> bool:
+        """The worker thread is running (for health checks)."""
+        return self._running and self._thread.is_alive()
+
     def bytes_per_session(self) -> int:
         return self.table.bytes_per_slot()
 
@@ -170,11 +180,12 @@ class Engine:
         sampling: SamplingSettings | None = None,
         prompt: str | Path | np.ndarray | None = None,
         seed: int | None = None,
+        on_closed: ClosedCallback | None = None,
     ) -> SlotHandle:
         """Take a free slot (blocking: a new prompt is prefilled here, once per engine)."""
         if not self._running:
             raise SessionClosed("the engine is closed")
-        prefill = self._prompt(prompt) if prompt is not None else None
+        prefill = self.prefill_prompt(prompt) if prompt is not None else None
         generator = torch.Generator(device=self.device)
         generator.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, ()).item()))
         with self._lock:
@@ -184,12 +195,13 @@ class Engine:
                     f"all {self.max_sessions} session slots are in use; close a session, start the engine "
                     f"with more max_sessions, or send this call to another worker or server"
                 )
-            handle = SlotHandle(self, free[0], on_output, sampling or SamplingSettings(), generator)
+            handle = SlotHandle(self, free[0], on_output, sampling or SamplingSettings(), generator, on_closed)
             self._handles[free[0]] = handle  # reserved; the worker resets the slot before use
         self._call(lambda: self._reset_slot(handle, prefill))
         return handle
 
-    def _prompt(self, prompt: str | Path | np.ndarray) -> PromptPrefill:
+    def prefill_prompt(self, prompt: str | Path | np.ndarray) -> PromptPrefill:
+        """The prefill of ``prompt``, computed on first use and cached (blocking)."""
         if isinstance(prompt, (str, Path)):
             stat = Path(prompt).stat()
             key: tuple = ("file", str(Path(prompt).resolve()), stat.st_mtime_ns, stat.st_size)
@@ -198,11 +210,15 @@ class Engine:
             key = ("array", arr.shape, hash(arr.tobytes()))
         with self._lock:
             cached = self._prompts.get(key)
+            if cached is not None:
+                self._prompts.move_to_end(key)
         if cached is None:
             audio = load_prompt_audio(prompt, max_steps=self.keep)
             cached = build_prefill(self.model, audio, self.device, self.dtype)
             with self._lock:
                 self._prompts[key] = cached
+                while len(self._prompts) > PROMPT_CACHE_SIZE:
+                    self._prompts.popitem(last=False)
         return cached
 
     def _reset_slot(self, handle: SlotHandle, prefill: PromptPrefill | None) -> None:
@@ -255,6 +271,8 @@ class Engine:
             if self.batch_window > 0 and len(ready) < self.active_sessions:
                 time.sleep(self.batch_window)  # let sessions a few ms behind join this tick
                 ready, _ = self._ready_handles()
+                if not ready:  # they closed meanwhile
+                    continue
             try:
                 self._tick(self._take_inputs(ready))
             except Exception:  # never let one bad tick kill the engine thread
@@ -339,11 +357,16 @@ class Engine:
                 h.close()
 
     def close(self) -> None:
-        """Stop the worker thread; every open session is closed. Safe to call twice."""
+        """Stop the worker thread; every open session is closed and told so. Safe to call twice."""
         atexit.unregister(self.close)
         for h in list(self._handles):
             if h is not None:
                 h.close()
+                if h.on_closed is not None:
+                    try:
+                        h.on_closed(SessionClosed("the engine was closed"))
+                    except Exception:
+                        log.exception("a session's on_closed callback failed")
         self._running = False
         self._wake()
         self._thread.join(timeout=5)

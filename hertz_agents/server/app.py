@@ -202,8 +202,7 @@ class HertzServer:
         return web.Response(body=text.encode(), headers={"Content-Type": CONTENT_TYPE})
 
     def engine_alive(self) -> bool:
-        thread = getattr(self.engine, "_thread", None)
-        return bool(getattr(self.engine, "_running", True)) and (thread is None or thread.is_alive())
+        return bool(getattr(self.engine, "alive", True))
 
     async def _healthz(self, request: web.Request) -> web.StreamResponse:
         alive = self.engine_alive()

@@ -91,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
                     max_input_backlog=args.max_input_backlog)
     try:
         for name, path in prompts.items():  # prefill each prompt now, not during someone's call
-            engine.open(lambda audio, info: None, prompt=path).close()
+            engine.prefill_prompt(path)
             log.info("prompt %s ready (%s)", name, path)
         server = HertzServer(engine, config)
 

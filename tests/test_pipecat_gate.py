@@ -72,19 +72,38 @@ def test_gate_disabled_passes_everything():
 def test_pacer_admits_jittery_steps_and_early_pairs():
     pacer = OutputPacer(max_lead=0.1, patience=3)
     jitter = [0.0, 0.06, -0.06, 0.03, -0.05, 0.0, 0.0, -0.124, 0.0, 0.0]  # up to 60 ms off, one pair
-    assert all(pacer.admit(STEP_SECONDS, k * STEP_SECONDS + j) for k, j in enumerate(jitter))
+    assert [pacer.admit(STEP_SECONDS, k * STEP_SECONDS + j) for k, j in enumerate(jitter)] == [0.0] * 10
     assert pacer.dropped_steps == 0
 
 
 def test_pacer_drops_a_stall_backlog_until_the_queue_is_short_again():
     pacer = OutputPacer(max_lead=0.1, patience=3)
     for k in range(4):
-        assert pacer.admit(STEP_SECONDS, k * STEP_SECONDS)
+        assert pacer.admit(STEP_SECONDS, k * STEP_SECONDS) == 0.0
     burst_at = 4 * STEP_SECONDS + 0.5  # a 500 ms stall, then four steps at once, then regular steps
     arrivals = [burst_at + 0.001 * i for i in range(4)] + [burst_at + k * STEP_SECONDS for k in range(1, 6)]
-    admitted = [pacer.admit(STEP_SECONDS, t) for t in arrivals]
-    assert admitted == [True, True, True, False, False, False, True, True, True]
+    played = [pacer.admit(STEP_SECONDS, t) is not None for t in arrivals]
+    assert played == [True, True, True, False, False, False, True, True, True]
     assert pacer.lead(arrivals[-1]) <= STEP_SECONDS, "back to one step queued: no lasting latency"
+
+
+def test_pacer_removes_a_lasting_lead_in_silence_only():
+    pacer = OutputPacer(max_lead=0.1, patience=3, slack=0.02, window=8)
+    # Two steps arrive 45 ms apart, then every 125 ms: 80 ms stay queued at every later arrival.
+    arrivals = [0.0] + [0.045 + k * STEP_SECONDS for k in range(12)]
+    assert [pacer.admit(STEP_SECONDS, t) for t in arrivals] == [0.0] * 13, "speech is never cut"
+    at = arrivals[-1] + STEP_SECONDS
+    assert pacer.lead(at) == pytest.approx(0.08)
+    assert pacer.admit(STEP_SECONDS, at, silent_end=0.03) == pytest.approx(0.03), "no more than its silence"
+    at += STEP_SECONDS
+    assert pacer.lead(at) == pytest.approx(0.05)
+    for k in range(8):  # a second of speech, then a pause
+        assert pacer.admit(STEP_SECONDS, at + k * STEP_SECONDS) == 0.0
+    at += 8 * STEP_SECONDS
+    cut = pacer.admit(STEP_SECONDS, at, silent_end=STEP_SECONDS)
+    assert cut == pytest.approx(0.05 - 0.02), "a pause loses the excess over the slack"
+    assert pacer.lead(at + STEP_SECONDS) == pytest.approx(0.02)
+    assert pacer.dropped_steps == 0 and pacer.trimmed_s == pytest.approx(0.06)  # 30 + 30 ms
 
 
 async def speaking_events(tiny_model_dir, gate_db: float | None) -> tuple[int, int]:

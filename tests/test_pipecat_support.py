@@ -49,12 +49,19 @@ def identity_engine(model_dir, *, compute_s: float = 0.0, max_sessions: int = 2)
 
 
 def speech_like(
-    seconds: float, rate: int, *, seed: int = 0, level_db: float = -20.0, gap_level_db: float | None = None
+    seconds: float,
+    rate: int,
+    *,
+    seed: int = 0,
+    level_db: float = -20.0,
+    gap_level_db: float | None = None,
+    max_gap_s: float = 0.3,
 ) -> np.ndarray:
     """Syllable-like bursts of a harmonic tone with random pitch and length, and random gaps.
 
-    The random structure makes the envelope unique, so a delayed copy is found unambiguously.
-    ``gap_level_db`` fills the gaps with faint noise at that level (None: digital silence).
+    The random structure makes the envelope unique, so a delayed copy can be found (``delay_s``).
+    ``gap_level_db`` fills the gaps with faint noise at that level (None: digital silence); gaps
+    last 50 ms to ``max_gap_s``.
     """
     rng = np.random.default_rng(seed)
     n = int(seconds * rate)
@@ -72,7 +79,7 @@ def speech_like(
         ramp = np.minimum(1.0, np.minimum(t, t[::-1]) / 0.01)
         burst = tone * ramp
         out[i : i + length] = burst / (np.sqrt(np.mean(burst**2)) + 1e-9) * gain / np.sqrt(2)
-        i += length + int(rng.uniform(0.05, 0.3) * rate)
+        i += length + int(rng.uniform(0.05, max_gap_s) * rate)
     return out.astype(np.float32)
 
 
@@ -82,13 +89,6 @@ def to_pcm16(x: np.ndarray) -> bytes:
 
 def from_pcm16(b: bytes) -> np.ndarray:
     return np.frombuffer(b, dtype="<i2").astype(np.float32) / 32768
-
-
-def envelope(x: np.ndarray, rate: int) -> np.ndarray:
-    """Log RMS per ``ENVELOPE_HOP_S`` block."""
-    hop = int(rate * ENVELOPE_HOP_S)
-    blocks = x[: len(x) // hop * hop].reshape(-1, hop)
-    return np.log(np.sqrt(np.mean(blocks.astype(np.float64) ** 2, axis=1)) + 1e-4)
 
 
 def timeline(pieces: Sequence[tuple[float, np.ndarray]], t0: float, seconds: float, rate: int) -> np.ndarray:
@@ -102,24 +102,81 @@ def timeline(pieces: Sequence[tuple[float, np.ndarray]], t0: float, seconds: flo
     return out[: int(seconds * rate)]
 
 
-def delay_s(
-    sent: np.ndarray, received: np.ndarray, rate: int, *, start_s: float, end_s: float, max_delay_s: float = 1.5
-) -> tuple[float, float]:
-    """Delay of ``received`` behind ``sent`` within [start_s, end_s] of ``received``, by envelope
-    correlation; returns (delay in seconds, normalized correlation at the peak)."""
-    es, er = envelope(sent, rate), envelope(received, rate)
-    a, b = int(start_s / ENVELOPE_HOP_S), int(end_s / ENVELOPE_HOP_S)
+def envelope(x: np.ndarray, rate: int) -> np.ndarray:
+    """Log RMS per ``ENVELOPE_HOP_S`` block."""
+    hop = int(rate * ENVELOPE_HOP_S)
+    blocks = x[: len(x) // hop * hop].reshape(-1, hop)
+    return np.log(np.sqrt(np.mean(blocks.astype(np.float64) ** 2, axis=1)) + 1e-4)
+
+
+def best_lag(es: np.ndarray, er: np.ndarray, a: int, b: int, max_lag: int) -> int:
+    """The lag (in envelope blocks) at which ``es`` best matches ``er[a:b]``."""
     window = er[a:b] - er[a:b].mean()
-    best, best_lag = -2.0, 0
-    for lag in range(0, int(max_delay_s / ENVELOPE_HOP_S)):
-        if a - lag < 0:
-            break
-        ref = es[a - lag : b - lag]
-        ref = ref - ref.mean()
-        c = float(np.dot(window, ref) / (np.linalg.norm(window) * np.linalg.norm(ref) + 1e-12))
-        if c > best:
-            best, best_lag = c, lag
-    return best_lag * ENVELOPE_HOP_S, best
+    scores = []
+    for lag in range(0, min(a, max_lag) + 1):
+        ref = es[a - lag : b - lag] - es[a - lag : b - lag].mean()
+        scores.append(float(window @ ref / (np.linalg.norm(window) * np.linalg.norm(ref) + 1e-12)))
+    return int(np.argmax(scores))
+
+
+def delay_s(
+    sent: np.ndarray,
+    received: np.ndarray,
+    rate: int,
+    *,
+    start_s: float,
+    end_s: float,
+    max_delay_s: float = 1.5,
+    window_s: float = 0.5,
+) -> tuple[float, float]:
+    """Delay of ``received`` behind ``sent`` within [start_s, end_s] of ``received``.
+
+    Envelopes are matched in consecutive ``window_s`` windows that have sound in them; returns
+    the median delay and the share of those windows that agree with it within 30 ms. An echo
+    gives the same delay in (nearly) every window; unrelated audio gives scattered ones, so the
+    agreement says whether the echo was found at all (one window alone can match noise well by
+    chance).
+    """
+    es, er = envelope(sent, rate), envelope(received, rate)
+    hop = ENVELOPE_HOP_S
+    step, end = int(window_s / hop), min(int(end_s / hop), len(er))
+    active = er > np.log(1e-3)  # blocks louder than -60 dBFS
+    starts = range(int(start_s / hop), end - step + 1, step)
+    # A window that is mostly pause says nothing about the delay: only windows with sound count.
+    lags = [best_lag(es, er, a, a + step, int(max_delay_s / hop)) for a in starts if active[a : a + step].mean() > 0.4]
+    if not lags:
+        return 0.0, 0.0
+    median = float(np.median(lags))
+    agree = float(np.mean([abs(lag - median) * hop <= 0.03 for lag in lags]))
+    return median * hop, agree
+
+
+def playout_latencies(
+    audio: np.ndarray, rate: int, t0: float, frame_s: float, played: Sequence[tuple[float, np.ndarray]]
+) -> np.ndarray:
+    """[k, 2]: (play time, latency) of every played chunk found verbatim in the caller's audio.
+
+    For an echo played without resampling (the identity model, 16 kHz end to end), each chunk
+    the speaker played is a run of the caller's samples: its latency is exact, from the time the
+    caller's frame holding its first sample was sent (``feed_realtime`` from ``t0``) to the
+    time it started playing. Silent chunks (and the gate's ramps) match nothing and are skipped.
+    """
+    pcm = np.frombuffer(to_pcm16(audio), dtype="<i2")
+    frame = int(rate * frame_s)
+    index: dict[tuple[int, bytes], int] = {}
+    found = []
+    for start, samples in played:
+        n = len(samples)
+        if (n, b"") not in index:  # index the caller's audio for chunks of this length, once
+            index[(n, b"")] = 0
+            stride = int(np.gcd(frame, np.gcd(n, SAMPLES_PER_STEP * rate // SAMPLE_RATE)))
+            for p in range(0, len(pcm) - n + 1, stride):
+                index.setdefault((n, pcm[p : p + n].tobytes()), p)
+        chunk = to_pcm16(samples)
+        p = index.get((n, chunk)) if any(chunk) else None
+        if p is not None:
+            found.append((start, start - (t0 + (p // frame) * frame_s)))
+    return np.array(found).reshape(-1, 2)
 
 
 class FakeSpeaker(BaseOutputTransport):
@@ -245,6 +302,7 @@ __all__ = [
     "free_port",
     "from_pcm16",
     "identity_engine",
+    "playout_latencies",
     "run_pipeline",
     "speech_like",
     "timeline",

@@ -206,9 +206,9 @@ async def test_clear_drops_queued_audio_and_the_model_keeps_talking(tiny_model_d
     t0 = twilio.sent[0][0]
     sent = timeline(twilio.sent, t0, 4.5, RATE)
     heard = timeline(twilio.played, t0, 4.5, RATE)
-    lag, corr = delay_s(sent, heard, RATE, start_s=2.5, end_s=4.3)
+    lag, agree = delay_s(sent, heard, RATE, start_s=2.5, end_s=4.3, window_s=0.33)
     print(
         f"\nphone round trip (fake Twilio -> bot -> fake Twilio, echo model): {lag * 1000:.0f} ms "
-        f"(correlation {corr:.2f})"
+        f"(windows agreeing: {agree:.2f})"
     )
-    assert corr > 0.7, "the echo of the caller's audio was not found in what the bot sent back"
+    assert agree >= 0.66, "the echo of the caller's audio was not found in what the bot sent back"

@@ -3,7 +3,7 @@
 The client sends speech-like audio at 48 kHz through Opus, as a browser would, and records what
 comes back. With the tiny model it checks that the model's audio arrives, in real time, and that
 the bot heard the client (from the bot's call recording). With the identity engine (a fake model
-that echoes, see test_pipecat_support) it measures the round trip by correlating what was sent
+that echoes, see test_pipecat_support) it measures the round trip by matching what was sent
 with what came back, and checks that a 500 ms stall of one step leaves no lasting delay.
 """
 
@@ -144,14 +144,14 @@ async def test_browser_like_peer_hears_the_model_in_real_time(tiny_model_dir, tm
     (recording,) = records.glob("*.wav")
     caller = sf.read(recording, dtype="float32")[0][:, 0]
     sent_16k = np.concatenate([s for _, s in sent])[::3]  # 48 kHz -> 16 kHz is enough for an envelope
-    lag, corr = delay_s(sent_16k, caller, SAMPLE_RATE, start_s=1.0, end_s=len(caller) / SAMPLE_RATE - 0.3)
-    assert corr > 0.5, f"the bot's recording does not follow the client's audio (correlation {corr:.2f})"
+    lag, agree = delay_s(sent_16k, caller, SAMPLE_RATE, start_s=1.0, end_s=len(caller) / SAMPLE_RATE - 0.3)
+    assert agree >= 0.66, f"the bot's recording does not follow the client's audio (agreement {agree:.2f})"
 
 
 async def test_round_trip_latency_and_recovery_from_a_stall(tiny_model_dir):
     engine = identity_engine(tiny_model_dir)
     bot = load_example(EXAMPLE)
-    audio = speech_like(6.0, RATE, seed=6)
+    audio = speech_like(7.0, RATE, seed=6)
 
     async def stall_at_2s():
         async def stall():
@@ -161,7 +161,7 @@ async def test_round_trip_latency_and_recovery_from_a_stall(tiny_model_dir):
         asyncio.get_running_loop().create_task(stall())
 
     try:
-        sent, received, _ = await call(lambda: bot.create_app(engine), audio, seconds=5.5, during=stall_at_2s)
+        sent, received, _ = await call(lambda: bot.create_app(engine), audio, seconds=6.5, during=stall_at_2s)
     finally:
         engine.close()
     t0 = sent[0][0]
@@ -169,13 +169,13 @@ async def test_round_trip_latency_and_recovery_from_a_stall(tiny_model_dir):
     mic = timeline(sent, t0, span, RATE)[::3]
     # A received frame ends when it arrives: place it before its arrival time.
     back = timeline([(t - len(s) / RATE, s) for t, s in received], t0, span, RATE)[::3]
-    before, c1 = delay_s(mic, back, SAMPLE_RATE, start_s=0.8, end_s=1.9)
-    after, c2 = delay_s(mic, back, SAMPLE_RATE, start_s=3.6, end_s=span - 0.2)
+    before, agree1 = delay_s(mic, back, SAMPLE_RATE, start_s=0.8, end_s=1.9, window_s=0.33)
+    after, agree2 = delay_s(mic, back, SAMPLE_RATE, start_s=3.6, end_s=span - 0.2, window_s=0.33)
     print(
         f"\nround trip (browser-like peer -> bot -> peer, echo model): {before * 1000:.0f} ms before "
-        f"the stall, {after * 1000:.0f} ms after (correlation {c1:.2f}, {c2:.2f})"
+        f"the stall, {after * 1000:.0f} ms after (windows agreeing: {agree1:.2f}, {agree2:.2f})"
     )
-    assert min(c1, c2) > 0.7, "the echo was not found in what came back"
+    assert min(agree1, agree2) >= 0.66, "the echo was not found in what came back"
     # One step of input, then aiortc's two jitter buffers and Opus twice (about 180 ms on loopback).
-    assert before <= STEP_SECONDS + 0.3, "round trip: one step of input plus transport and codecs"
-    assert after - before <= 0.05, "the stall left a lasting delay"
+    assert before <= STEP_SECONDS + 0.4, "round trip: one step of input plus transport and codecs"
+    assert after - before <= 0.06, "the stall left a lasting delay"

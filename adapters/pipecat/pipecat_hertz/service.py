@@ -77,7 +77,8 @@ class HertzDuplexService(AIService):
             may be shorter, so no audio waits for the next step).
         max_output_lead_ms: Audio that may stay queued downstream: when steps keep arriving with
             more than this still unplayed (the backlog after a stall), steps are dropped until the
-            queue is short again, so a stall leaves no lasting delay (see ``pacing``).
+            queue is short again, and a lead that remains is cut from the model's next pause, so a
+            stall leaves no lasting delay (see ``pacing``). None plays every step, however late.
         audio_passthrough: Also push the caller's ``InputAudioRawFrame``s downstream (for a
             recorder placed after the service).
         seed: Seed of the session's sampling, for reproducible calls.
@@ -101,7 +102,7 @@ class HertzDuplexService(AIService):
         settings: HertzDuplexSettings | None = None,
         sample_rate: int | None = None,
         frame_ms: int = 20,
-        max_output_lead_ms: float = 100.0,
+        max_output_lead_ms: float | None = 100.0,
         audio_passthrough: bool = False,
         seed: int | None = None,
         record_path: str | os.PathLike[str] | None = None,
@@ -126,7 +127,8 @@ class HertzDuplexService(AIService):
         self._load_error: BaseException | None = None
         self._quiet_rms: float | None = None  # the model's quiet level, for the "auto" gate
         self._gate = SpeechGate(threshold_db=threshold_db(store.gate_threshold_db, None))  # type: ignore[arg-type]
-        self._pacer = OutputPacer(max_lead=max_output_lead_ms / 1000)
+        # None turns pacing off: every step is played, however late (for tests and measurements).
+        self._pacer = OutputPacer(max_lead=max_output_lead_ms / 1000) if max_output_lead_ms is not None else None
         self._session: DuplexSession | None = None
         self._reader: asyncio.Task | None = None
         self._sessions_opened = 0
@@ -135,7 +137,8 @@ class HertzDuplexService(AIService):
 
     def _reset_call_state(self) -> None:
         self._gate.reset()
-        self._pacer.reset()
+        if self._pacer is not None:
+            self._pacer.reset()
         self._heard_16k = 0.0  # caller audio received, counted in 16 kHz samples
         self._next_step_end = float(SAMPLES_PER_STEP)
         self._step_ready: deque[float] = deque(maxlen=64)  # wall time each input step was complete
@@ -173,8 +176,13 @@ class HertzDuplexService(AIService):
 
     @property
     def dropped_steps(self) -> int:
-        """Model steps not played because they arrived in a burst after a stall."""
-        return self._pacer.dropped_steps
+        """Model steps not played because the output queue was not draining (after a stall)."""
+        return self._pacer.dropped_steps if self._pacer is not None else 0
+
+    @property
+    def trimmed_seconds(self) -> float:
+        """Silence cut from the model's pauses to bring the output queue back to its minimum."""
+        return self._pacer.trimmed_s if self._pacer is not None else 0.0
 
     @property
     def sample_rate(self) -> int:
@@ -362,8 +370,14 @@ class HertzDuplexService(AIService):
         audio = self._gate.process(chunk.audio, chunk.rms, chunk.sample_rate)
         if len(audio) == 0:
             return
-        if not self._pacer.admit(len(audio) / chunk.sample_rate, time.monotonic()):
-            logger.debug(f"{self}: dropped model step {chunk.step}: it arrived in a burst after a stall")
+        duration = len(audio) / chunk.sample_rate
+        silent_end = 0.0 if self._gate.is_open else duration - (self._gate.fade_ms / 1000 if was_open else 0.0)
+        cut = 0.0 if self._pacer is None else self._pacer.admit(duration, time.monotonic(), silent_end=silent_end)
+        if cut is None:
+            logger.debug(f"{self}: dropped model step {chunk.step}: the output queue is not draining (a stall)")
+            return
+        audio = audio[: len(audio) - int(round(cut * chunk.sample_rate))]
+        if len(audio) == 0:
             return
         pcm = _to_pcm16(audio)
         emitted_at = time.time()

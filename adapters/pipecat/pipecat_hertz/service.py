@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -43,11 +42,11 @@ from hertz_agents.audio import INT16_SCALE
 from hertz_agents.engine import Engine
 from hertz_agents.errors import AudioInputError, SessionClosed
 from hertz_agents.session import DuplexSession, OutputChunk
-from hertz_agents.timing import SAMPLE_RATE, SAMPLES_PER_STEP
 from pipecat_hertz.engines import is_loadable, quiet_level, start_loading
 from pipecat_hertz.gate import AUTO, SpeechGate, threshold_db
 from pipecat_hertz.pacing import OutputPacer
 from pipecat_hertz.settings import SAMPLING_FIELDS, HertzDuplexSettings
+from pipecat_hertz.steps import InputSteps
 
 INPUT_ERROR_INTERVAL_S = 1.0  # a stream of bad input frames is reported at most this often
 
@@ -139,10 +138,7 @@ class HertzDuplexService(AIService):
         self._gate.reset()
         if self._pacer is not None:
             self._pacer.reset()
-        self._heard_16k = 0.0  # caller audio received, counted in 16 kHz samples
-        self._next_step_end = float(SAMPLES_PER_STEP)
-        self._step_ready: deque[float] = deque(maxlen=64)  # wall time each input step was complete
-        self._dropped_input_seen = 0
+        self._input_steps = InputSteps()
         self._first_input = True
         self._first_output = True
         self._awaiting_reply = False
@@ -301,11 +297,7 @@ class HertzDuplexService(AIService):
             return
         except SessionClosed:
             return  # the reader reports a session that ended on its own
-        # Note when each input step is complete, for the processing-time metric.
-        self._heard_16k += frame.num_frames * SAMPLE_RATE / frame.sample_rate
-        while self._heard_16k >= self._next_step_end:
-            self._step_ready.append(time.time())
-            self._next_step_end += SAMPLES_PER_STEP
+        self._input_steps.heard(frame.num_frames, frame.sample_rate)
 
     async def _maybe_start_ttfb(self) -> None:
         if self._first_input and self._session is not None:
@@ -350,22 +342,11 @@ class HertzDuplexService(AIService):
                 force_treat_as_permanent=True,
             )
 
-    def _input_step_ready_at(self, chunk: OutputChunk, session: DuplexSession) -> float | None:
-        """Wall time at which the input of ``chunk`` was complete (None for inserted silence)."""
-        dropped = session.metrics.dropped_input_steps
-        for _ in range(dropped - self._dropped_input_seen):  # the engine dropped the oldest
-            if self._step_ready:
-                self._step_ready.popleft()
-        self._dropped_input_seen = dropped
-        if chunk.silence_input or not self._step_ready:
-            return None
-        return self._step_ready.popleft()
-
     async def _emit(self, chunk: OutputChunk) -> None:
         session = self._session
         if session is None:
             return
-        ready_at = self._input_step_ready_at(chunk, session)
+        ready_at = self._input_steps.answered(chunk.silence_input, session.metrics.dropped_input_steps)
         was_open = self._gate.is_open
         audio = self._gate.process(chunk.audio, chunk.rms, chunk.sample_rate)
         if len(audio) == 0:

@@ -8,8 +8,9 @@ import threading
 import torch
 
 from hertz_agents.engine.engine import Engine, SlotHandle, StepInfo
+from hertz_agents.engine.quiet import measure_quiet_level
 
-__all__ = ["Engine", "SlotHandle", "StepInfo", "load_engine", "loaded_engines"]
+__all__ = ["Engine", "SlotHandle", "StepInfo", "load_engine", "loaded_engines", "measure_quiet_level"]
 
 _engines: dict[tuple, Engine] = {}
 _engines_lock = threading.Lock()

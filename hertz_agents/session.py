@@ -32,13 +32,25 @@ REMOTE_SCHEME = "hertz://"
 
 @dataclass
 class OutputChunk:
-    """One model step of audio: float32 mono at ``sample_rate``."""
+    """One model step of audio: float32 mono at ``sample_rate``, with the engine's timing of it.
+
+    ``input_complete`` is the ``time.monotonic()`` at which the caller's step this chunk answers
+    was complete (its last sample pushed), so the chunk's latency so far is
+    ``time.monotonic() - input_complete``. A step the engine fed silence (``silence_input``)
+    answers no caller step: there it is only the engine's reference time (when the step was due;
+    for a remote engine, when the step arrived). ``queue_ms`` is the wait from the input step being
+    complete to the engine's batched step starting and ``compute_ms`` that step's duration (for a
+    remote engine, both as measured on the server).
+    """
 
     audio: np.ndarray
     sample_rate: int
     step: int
     rms: float  # of the 16 kHz step: lets gates tell speech from the model's quiet noise
     silence_input: bool = False
+    input_complete: float = 0.0
+    queue_ms: float = 0.0
+    compute_ms: float = 0.0
 
 
 class DuplexSession:
@@ -131,7 +143,10 @@ class DuplexSession:
     def _on_output(self, audio: np.ndarray, info: Any) -> None:
         """Called on the engine's thread with one 16 kHz step."""
         out = self._output_resampler.process(audio)
-        chunk = OutputChunk(out, self.output_sample_rate, info.step, rms(audio), info.silence_input)
+        chunk = OutputChunk(
+            out, self.output_sample_rate, info.step, rms(audio), info.silence_input,
+            input_complete=info.input_complete, queue_ms=info.queue_ms, compute_ms=info.compute_ms,
+        )
         self._write_recording(info.input_audio, audio)
         try:
             self._loop.call_soon_threadsafe(self._deliver, chunk)

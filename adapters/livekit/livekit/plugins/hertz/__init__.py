@@ -10,10 +10,10 @@ except ImportError as e:  # pragma: no cover - depends on the environment
 
 from livekit.agents import Plugin
 
+from hertz_agents.engine import measure_quiet_level
 from hertz_agents.sampling import SamplingSettings
 
 from .duplex import DuplexModel, DuplexSession
-from .gate import measure_quiet_level
 from .load import worker_load
 from .log import logger
 from .models import DEFAULT_MODEL, DEFAULT_SAMPLE_RATE, GateOptions, HertzModels

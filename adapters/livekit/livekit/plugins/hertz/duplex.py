@@ -36,7 +36,7 @@ from hertz_agents.sampling import SamplingSettings
 from hertz_agents.session import DuplexSession as CoreSession
 from hertz_agents.timing import STEP_SECONDS
 
-from .gate import build_gate, measure_quiet_level
+from .gate import build_gate
 from .log import logger
 from .models import DEFAULT_MODEL, DEFAULT_SAMPLE_RATE, GateOptions, HertzModels
 
@@ -143,13 +143,16 @@ class DuplexModel(llm.DuplexModel):
                 model steps, once per engine) unless ``gate.silence_rms`` is given.
             **options: Keyword options of :class:`DuplexModel`.
         """
-        from hertz_agents.engine import load_engine
+        from hertz_agents.engine import load_engine, measure_quiet_level
 
         engine_options: dict[str, Any] = {"max_sessions": max_sessions} if max_sessions is not None else {}
         engine = load_engine(model, device=device, **engine_options)
         gate: GateOptions = options.pop("gate", None) or GateOptions()
         if gate.silence_rms is None and measure_gate:
-            gate = replace(gate, silence_rms=measure_quiet_level(engine))
+            silence_rms = measure_quiet_level(engine)
+            if silence_rms is None:
+                logger.warning("could not measure hertz-dev's quiet level; the gate will learn it")
+            gate = replace(gate, silence_rms=silence_rms)
         return cls(model=engine, gate=gate, **options)
 
     @property

@@ -18,7 +18,6 @@ from pipecat.frames.frames import (  # noqa: E402
 from pipecat.pipeline.worker import PipelineParams  # noqa: E402
 from pipecat.tests.utils import SleepFrame, run_test  # noqa: E402
 from pipecat_hertz import HertzDuplexService, HertzDuplexSettings, OutputPacer, SpeechGate  # noqa: E402
-from pipecat_hertz.engines import quiet_level  # noqa: E402
 from pipecat_hertz.gate import AUTO_MARGIN_DB, DEFAULT_THRESHOLD_DB, MIN_THRESHOLD_DB, threshold_db  # noqa: E402
 from test_pipecat_support import (  # noqa: E402
     FakeSpeaker,
@@ -30,6 +29,7 @@ from test_pipecat_support import (  # noqa: E402
     to_pcm16,
 )
 
+from hertz_agents.engine import measure_quiet_level  # noqa: E402
 from hertz_agents.timing import SAMPLE_RATE, SAMPLES_PER_STEP, STEP_SECONDS  # noqa: E402
 
 
@@ -160,7 +160,7 @@ async def test_auto_gate_is_set_from_the_models_quiet_level(tiny_model_dir):
     """The tiny model makes noise at one level whatever it hears: its quiet level. Measured, the
     auto gate calls all of it silence; a gate at -45 dBFS would call it speech."""
     engine = await HertzDuplexService.preload(tiny_model_dir)  # measures the quiet level once
-    quiet = quiet_level(engine)
+    quiet = measure_quiet_level(engine)
     assert quiet is not None and 0.01 < quiet < 0.5
     service = HertzDuplexService(model=tiny_model_dir)
     audio = speech_like(1.0, SAMPLE_RATE)

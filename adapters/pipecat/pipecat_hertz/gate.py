@@ -12,7 +12,7 @@ ramps at the transitions avoid clicks.
 
 Models differ in how loud their "silence" is, so by default the threshold is set from the
 model's own quiet level (its output while it hears silence, measured once per engine, see
-``pipecat_hertz.engines.quiet_level``): ``AUTO_MARGIN_DB`` above it, and never below
+``hertz_agents.engine.measure_quiet_level``): ``AUTO_MARGIN_DB`` above it, and never below
 ``MIN_THRESHOLD_DB``, so that what passes is louder than what Pipecat calls silence.
 """
 

@@ -39,14 +39,13 @@ from pipecat.processors.frame_processor import FrameDirection, FrameProcessorSet
 from pipecat.services.ai_service import AIService
 
 from hertz_agents.audio import INT16_SCALE
-from hertz_agents.engine import Engine
+from hertz_agents.engine import Engine, measure_quiet_level
 from hertz_agents.errors import AudioInputError, SessionClosed
 from hertz_agents.session import DuplexSession, OutputChunk
-from pipecat_hertz.engines import is_loadable, quiet_level, start_loading
-from pipecat_hertz.gate import AUTO, SpeechGate, threshold_db
+from pipecat_hertz.engines import is_loadable, start_loading
+from pipecat_hertz.gate import AUTO, DEFAULT_THRESHOLD_DB, SpeechGate, threshold_db
 from pipecat_hertz.pacing import OutputPacer
 from pipecat_hertz.settings import SAMPLING_FIELDS, HertzDuplexSettings
-from pipecat_hertz.steps import InputSteps
 
 INPUT_ERROR_INTERVAL_S = 1.0  # a stream of bad input frames is reported at most this often
 
@@ -138,7 +137,6 @@ class HertzDuplexService(AIService):
         self._gate.reset()
         if self._pacer is not None:
             self._pacer.reset()
-        self._input_steps = InputSteps()
         self._first_input = True
         self._first_output = True
         self._awaiting_reply = False
@@ -197,9 +195,14 @@ class HertzDuplexService(AIService):
         await self._measure_quiet_level()
 
     async def _measure_quiet_level(self) -> None:
-        """For the "auto" gate: the local engine's quiet level (measured once per engine)."""
+        """For the "auto" gate: the local engine's quiet level (measured once per engine; a
+        remote engine's is unknown and the gate uses its default threshold)."""
         if self._settings.gate_threshold_db == AUTO and isinstance(self._backend, Engine):
-            self._quiet_rms = await asyncio.to_thread(quiet_level, self._backend)
+            self._quiet_rms = await asyncio.to_thread(measure_quiet_level, self._backend)
+            if self._quiet_rms is None:
+                logger.warning(
+                    f"{self}: could not measure hertz-dev's quiet level; the gate uses {DEFAULT_THRESHOLD_DB} dBFS"
+                )
         self._gate.threshold_db = threshold_db(self._settings.gate_threshold_db, self._quiet_rms)  # type: ignore[arg-type]
 
     async def start(self, frame: StartFrame) -> None:
@@ -296,8 +299,7 @@ class HertzDuplexService(AIService):
                 await self.push_error(f"{self}: dropped caller audio: {e}", exception=e)
             return
         except SessionClosed:
-            return  # the reader reports a session that ended on its own
-        self._input_steps.heard(frame.num_frames, frame.sample_rate)
+            pass  # the reader reports a session that ended on its own
 
     async def _maybe_start_ttfb(self) -> None:
         if self._first_input and self._session is not None:
@@ -343,10 +345,8 @@ class HertzDuplexService(AIService):
             )
 
     async def _emit(self, chunk: OutputChunk) -> None:
-        session = self._session
-        if session is None:
+        if self._session is None:
             return
-        ready_at = self._input_steps.answered(chunk.silence_input, session.metrics.dropped_input_steps)
         was_open = self._gate.is_open
         audio = self._gate.process(chunk.audio, chunk.rms, chunk.sample_rate)
         if len(audio) == 0:
@@ -362,6 +362,8 @@ class HertzDuplexService(AIService):
             return
         pcm = _to_pcm16(audio)
         emitted_at = time.time()
+        # Pipecat's metrics take wall times; the engine stamps the input step on the monotonic clock
+        ready_at = None if chunk.silence_input else emitted_at - (time.monotonic() - chunk.input_complete)
         frame_bytes = 2 * max(1, chunk.sample_rate * self._frame_ms // 1000)
         for start in range(0, len(pcm), frame_bytes):
             frame = SpeechOutputAudioRawFrame(pcm[start : start + frame_bytes], chunk.sample_rate, 1)

@@ -42,6 +42,9 @@ async def test_int16_48k_stereo_frames_in_24k_out(engine, tmp_path):
     await session.close()
     assert [c.step for c in chunks] == list(range(8))
     assert all(c.sample_rate == 24000 for c in chunks)
+    # Each chunk carries its step's timing from the engine: input complete, queueing, compute.
+    assert all(c.input_complete > 0 and c.compute_ms > 0 and c.queue_ms >= 0 for c in chunks)
+    assert [c.input_complete for c in chunks] == sorted(c.input_complete for c in chunks)
     total = sum(len(c.audio) for c in chunks)
     # 8 steps of 125 ms at 24 kHz, less what the streaming resampler still holds back.
     assert 8 * 3000 - 600 <= total <= 8 * 3000

@@ -32,6 +32,7 @@ def write_official_dir(directory: Path, split: bool = True, variant: str | None 
     directory.mkdir(parents=True, exist_ok=True)
     for role, state in states.items():
         torch.save({k: v.clone() for k, v in state.items()}, directory / files[role])
-    config = {"split": split, "codec": codec_meta["config"], **{k: ar_meta["config"][k] for k in ("ar", "resynthesizer", "quantizer")}}
+    blocks = {k: ar_meta["config"][k] for k in ("ar", "resynthesizer", "quantizer")}
+    config = {"split": split, "codec": codec_meta["config"], **blocks}
     (directory / "config.json").write_text(json.dumps(config))
     return directory

@@ -1,15 +1,16 @@
 """Live input to model steps: stateful resampling, re-chunking, and the two joined (``StepInput``).
 
 Callers send audio at any rate in any frame size; the model eats 16 kHz mono in blocks of
-``SAMPLES_PER_STEP``. ``StreamResampler`` keeps soxr's filter state between frames, so frame
-boundaries leave no clicks and the output equals resampling the whole signal at once (tested to
-float32 precision). soxr also compensates its filter's phase delay, so output sample ``k`` lines up
-with input time ``k / out_rate`` exactly as in a one-shot resample.
+``SAMPLES_PER_STEP``. ``StreamResampler`` keeps its filter's state between frames, so frame
+boundaries leave no clicks and the output equals resampling the whole signal at once, and output
+sample ``k`` lines up with input time ``k / out_rate`` as in a one-shot resample.
 
-Latency: soxr works in blocks, so it holds back some output until enough input has arrived;
-``delay_samples`` says how much (in output samples) at any moment. Measured with soxr 1.1 at HQ,
-fed 10 ms frames: 48 kHz or 44.1 kHz -> 16 kHz holds 6-37 ms (mean 21 ms); 8 kHz -> 16 kHz holds
-12-115 ms (mean 64 ms); equal rates hold nothing. ``quality="LQ"`` roughly halves these.
+Latency: a resampler must see a little input past an output sample before it can compute it, so
+it holds back some output (``delay_samples``). The default, ``quality="low-latency"``
+(``hertz_agents.polyphase``), holds back a constant filter delay: 2.7 ms when the lower of the two
+rates is 16 kHz (48, 44.1 or 24 kHz <-> 16 kHz), 5.4 ms between 8 and 16 kHz. soxr's qualities
+(``"HQ"``, ``"VHQ"``, ...) are still available; soxr works in blocks and holds back a varying
+6-40 ms (8 kHz: 12-115 ms), so it suits files better than live audio (docs/audio.md).
 """
 
 from __future__ import annotations
@@ -18,40 +19,62 @@ import numpy as np
 import soxr
 
 from hertz_agents.audio import (
-    RESAMPLE_QUALITY,
     check_channels,
     check_sample_rate,
     mix_to_mono,
     to_float32,
 )
 from hertz_agents.errors import AudioInputError
+from hertz_agents.polyphase import MAX_BANK_SIZE, PolyphaseResampler, bank_size
 from hertz_agents.timing import SAMPLE_RATE, SAMPLES_PER_STEP
+
+LOW_LATENCY = "low-latency"
+"""The default quality of live resampling: ``PolyphaseResampler``, a constant delay of a few ms."""
+
+FALLBACK_QUALITY = "HQ"
+"""soxr quality used by ``"low-latency"`` for the odd rate pairs it does not design (``MAX_BANK_SIZE``)."""
 
 
 class StreamResampler:
-    """Stateful streaming resampler (soxr) for float32 audio ``[n]`` or ``[n, channels]``.
+    """Stateful streaming resampler for float32 audio ``[n]`` or ``[n, channels]``.
 
     Args:
         in_rate: Input rate in Hz.
         out_rate: Output rate in Hz. Equal rates pass audio through untouched.
         channels: Channels per frame.
-        quality: soxr quality: ``"QQ"``, ``"LQ"``, ``"MQ"``, ``"HQ"`` (default) or ``"VHQ"``.
+        quality: ``"low-latency"`` (default: a polyphase FIR with a constant delay of a few ms,
+            flat to 0.9 of the lower Nyquist frequency, 70 dB alias rejection), or a soxr quality
+            (``"QQ"``, ``"LQ"``, ``"MQ"``, ``"HQ"``, ``"VHQ"``), which holds back more, and by
+            varying amounts. Rate pairs whose low-latency filter would be huge (rates such as
+            44101 Hz, never the usual ones) use soxr ``"HQ"``.
     """
 
-    def __init__(self, in_rate: int, out_rate: int, channels: int = 1, *, quality: str = RESAMPLE_QUALITY):
+    def __init__(self, in_rate: int, out_rate: int, channels: int = 1, *, quality: str = LOW_LATENCY):
         self.in_rate = check_sample_rate(in_rate, "in_rate")
         self.out_rate = check_sample_rate(out_rate, "out_rate")
         self.channels = check_channels(channels)
         self.quality = quality
+        self._fir: PolyphaseResampler | None = None
         self._stream: soxr.ResampleStream | None = None
-        if self.in_rate != self.out_rate:
+        if self.in_rate == self.out_rate:
+            return
+        if quality == LOW_LATENCY and bank_size(self.in_rate, self.out_rate) <= MAX_BANK_SIZE:
+            self._fir = PolyphaseResampler(self.in_rate, self.out_rate, self.channels)
+        else:
+            soxr_quality = FALLBACK_QUALITY if quality == LOW_LATENCY else quality
             self._stream = soxr.ResampleStream(
-                self.in_rate, self.out_rate, channels, dtype="float32", quality=quality
+                self.in_rate, self.out_rate, channels, dtype="float32", quality=soxr_quality
             )
 
     @property
     def delay_samples(self) -> float:
-        """Output samples soxr holds back right now (they come out with later input or ``flush``)."""
+        """Output samples held back right now (they come out with later input or ``flush``).
+
+        With ``"low-latency"`` this is the filter's constant delay (``polyphase.design(in_rate,
+        out_rate).delay_samples``) less a fraction of a sample that depends on the input so far.
+        """
+        if self._fir is not None:
+            return self._fir.held
         return 0.0 if self._stream is None else float(self._stream.delay())
 
     def _check(self, x: np.ndarray) -> np.ndarray:
@@ -69,6 +92,9 @@ class StreamResampler:
             x: float32 ``[n]`` (mono) or ``[n, channels]``; any ``n``, including 0.
         """
         x = self._check(x)
+        if self._fir is not None:
+            y = self._fir.process(x.reshape(x.shape[0], self.channels))  # [k, channels]
+            return y.reshape(-1) if x.ndim == 1 else y
         if self._stream is None:
             return x.copy()
         return self._stream.resample_chunk(x)
@@ -79,6 +105,8 @@ class StreamResampler:
         Returns float32 ``[n]`` for a mono resampler, ``[n, channels]`` otherwise.
         """
         empty_shape = (0,) if self.channels == 1 else (0, self.channels)
+        if self._fir is not None:
+            return self._fir.flush().reshape(-1 if self.channels == 1 else (-1, self.channels))
         if self._stream is None:
             return np.zeros(empty_shape, dtype=np.float32)
         tail = self._stream.resample_chunk(np.zeros(empty_shape, dtype=np.float32), last=True)
@@ -87,6 +115,8 @@ class StreamResampler:
 
     def reset(self) -> None:
         """Drop held-back output and filter history (start of a new, unrelated signal)."""
+        if self._fir is not None:
+            self._fir.reset()
         if self._stream is not None:
             self._stream.clear()
 
@@ -161,10 +191,10 @@ class StepInput:
     Args:
         sample_rate: Rate of the audio that will be pushed, in Hz.
         channels: Interleaved channels of the pushed audio (mixed to mono by averaging).
-        quality: soxr quality (see ``StreamResampler``).
+        quality: Resampling quality (see ``StreamResampler``); the default adds a constant few ms.
     """
 
-    def __init__(self, sample_rate: int, channels: int = 1, *, quality: str = RESAMPLE_QUALITY):
+    def __init__(self, sample_rate: int, channels: int = 1, *, quality: str = LOW_LATENCY):
         self.channels = channels
         self.quality = quality
         self._resampler = StreamResampler(sample_rate, SAMPLE_RATE, 1, quality=quality)
@@ -229,4 +259,4 @@ class StepInput:
         self._chunker.clear()
 
 
-__all__ = ["Rechunker", "StepInput", "StreamResampler"]
+__all__ = ["LOW_LATENCY", "Rechunker", "StepInput", "StreamResampler"]

@@ -24,7 +24,8 @@ from hertz_agents.timing import SAMPLE_RATE
 PathLike = str | os.PathLike[str]
 
 RESAMPLE_QUALITY = "HQ"
-"""soxr quality used for files and streams: 'HQ' is 20-bit precision, flat to ~95% of Nyquist."""
+"""soxr quality for whole files: 'HQ' is 20-bit precision, flat to ~95% of Nyquist (live streams use the
+low-latency polyphase resampler, see docs/audio.md)."""
 
 INT16_SCALE = 32768.0
 """int16 full scale: ``float = int16 / INT16_SCALE``."""

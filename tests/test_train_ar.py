@@ -103,3 +103,23 @@ def test_ar_resume_matches_an_uninterrupted_run(corpus: Path, codec_dir: Path, t
     la = [r["loss"] for r in read_log(tmp_path / "full" / "log.jsonl") if r["split"] == "train"]
     lb = [r["loss"] for r in read_log(tmp_path / "cut" / "log.jsonl") if r["split"] == "train"]
     assert la == lb and len(la) == 4
+
+
+def test_latent_cache_is_reused_for_means_and_rebuilt_for_another_codec(
+    corpus: Path, codec_dir: Path, tmp_path: Path
+) -> None:
+    from hertz_agents.train.codec_trainer import train_codec as _train_codec
+    from hertz_agents.train.data import AudioSegmentDataset
+    from hertz_agents.train.export import load_codec
+    from hertz_agents.train.latents import cached_latents
+
+    codec = load_codec(codec_dir)
+    data = AudioSegmentDataset(corpus / "train", 2, 1.0, random_crop=False)
+    path = tmp_path / "train.pt"
+    stats = cached_latents(path, codec, data, 0, with_logvar=True, progress=False)  # [N, 2, T, 64]
+    assert stats.shape[1:] == (2, 8, 64)
+    means = cached_latents(path, codec, data, 0, with_logvar=False, progress=False)
+    torch.testing.assert_close(means, stats[:, 0])  # read from the same file, not encoded again
+    other = load_codec(_train_codec(load_codec_config("small_codec", codec_overrides(corpus, tmp_path / "c", steps=1))))
+    again = cached_latents(path, other, data, 0, with_logvar=False, progress=False)
+    assert again.shape == means.shape and not torch.equal(again, means)

@@ -223,11 +223,14 @@ def ar_trainer(cfg: ARTrainConfig, rt: Runtime) -> Trainer:
         return AudioSegmentDataset(root, channels, d.segment_seconds, rate, random_crop=crop, seed=cfg.run.seed)
 
     def latent_set(root: str, name: str, limit: int) -> LatentSet:
-        path = out / "latents" / f"{name}.pt"
+        path = Path(d.latent_cache or out / "latents") / f"{name}.pt"
         if rt.is_main:  # one process encodes, the others read its file
             cached_latents(path, codec, audio(root, False), limit, with_logvar, progress=cfg.log.progress)
         rt.barrier()
-        return LatentSet(torch.load(path, map_location="cpu", weights_only=False)["latents"])
+        latents = torch.load(path, map_location="cpu", weights_only=False)["latents"]
+        if not with_logvar and latents.dim() == 4:  # a cache that also holds log-variances
+            latents = latents[:, 0]
+        return LatentSet(latents)
 
     stream: BatchStream
     if m.cache_latents:

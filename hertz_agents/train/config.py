@@ -55,6 +55,7 @@ class DataConfig:
     val_items: int = 64  # segments scored at each validation (spread evenly over the val set)
     rescan: bool = False  # rebuild the training set each epoch (a corpus still being written)
     max_items: int = 0  # AR phase with cached latents: encode at most this many segments (0: all)
+    latent_cache: str = ""  # AR phase: folder of the cached latents ("": <out_dir>/latents)
 
 
 @dataclass

@@ -100,6 +100,8 @@ def cached_latents(
         saved = torch.load(path, map_location="cpu", weights_only=False)
         if saved.get("key") == key:
             return saved["latents"]
+        if not with_logvar and saved.get("key") == {**key, "logvar": True}:
+            return saved["latents"][:, 0]  # means, from a cache that also holds log-variances
         log.info("%s was made from other data or another codec: encoding again", path)
     log.info("encoding %d segments of %s to latents", len(indices), dataset.root)
     latents = encode_corpus(codec, dataset, indices, with_logvar, progress=progress)

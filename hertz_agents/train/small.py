@@ -76,11 +76,26 @@ def run_small(
 
         train_ar(ar_cfg, resume=_resume_point(runs / "ar"))
 
-    return export_small(ar_dir, Path(ckpt), runs, codec_cfg, ar_cfg, real_speech, img)
+    tune_cfg = load_ar_config(
+        "small_ar_tune",
+        [
+            *data_paths,
+            f'run.out_dir="{runs / "ar_tune"}"',
+            f'model.init_from="{ar_dir}"',
+            f'data.latent_cache="{runs / "ar" / "latents"}"',
+        ],
+    )
+    tune_dir = runs / "ar_tune" / "final"
+    if not (tune_dir / CONFIG_FILE).exists():
+        from hertz_agents.train.ar_trainer import train_ar
+
+        train_ar(tune_cfg, resume=_resume_point(runs / "ar_tune"))
+
+    return export_small(tune_dir, Path(ckpt), runs, codec_cfg, [ar_cfg, tune_cfg], real_speech, img)
 
 
 def export_small(
-    ar_dir: Path, ckpt: Path, runs: Path, codec_cfg: Any, ar_cfg: Any, real_speech: str = "", img: str = ""
+    ar_dir: Path, ckpt: Path, runs: Path, codec_cfg: Any, ar_cfgs: list[Any], real_speech: str = "", img: str = ""
 ) -> Path:
     """Measure the trained model and write it, with its recipe and numbers, to ``ckpt``."""
     from hertz_agents.train.bench import measure_step
@@ -102,7 +117,7 @@ def export_small(
     cost = {f"batch_{b}": measure_step(net, b).as_dict() for b in (1, 8)}
     torch.set_num_threads(threads)
     if img:
-        for phase in ("codec", "ar"):
+        for phase in ("codec", "ar", "ar_tune"):
             plot_curves(
                 runs / phase / "log.jsonl",
                 Path(img) / f"small_{phase}_curves.png",
@@ -117,7 +132,8 @@ def export_small(
             "recipe": "hertz-agents train small (docs/training.md)",
             "data": "synthetic espeak-ng stereo conversations (hertz_agents.train.synth)",
             "codec": {"config": to_dict(codec_cfg), "log_tail": _last(runs / "codec" / "log.jsonl")},
-            "ar": {"config": to_dict(ar_cfg), "log_tail": _last(runs / "ar" / "log.jsonl")},
+            "ar": {"config": to_dict(ar_cfgs[0]), "log_tail": _last(runs / "ar" / "log.jsonl")},
+            "ar_tune": {"config": to_dict(ar_cfgs[1]), "log_tail": _last(runs / "ar_tune" / "log.jsonl")},
             "quality": report,
             "step_cost_ms_one_thread": cost,
         },

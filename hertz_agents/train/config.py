@@ -18,9 +18,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-import tomllib
+import sys
 
 from hertz_agents.config import CodecConfig, QuantizerConfig, ResynthesizerConfig, TransformerConfig
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10 needs the backport (pip install tomli)
+    import tomli as tomllib
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 """The shipped recipes (``small_codec.toml``, ``small_ar.toml``, ``finetune_ar.toml``...)."""

@@ -13,12 +13,11 @@ Overrides are ``table.key=value`` with a TOML value (``optim.lr=3e-4``, ``run.de
 from __future__ import annotations
 
 import dataclasses
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
-
-import sys
 
 from hertz_agents.config import CodecConfig, QuantizerConfig, ResynthesizerConfig, TransformerConfig
 

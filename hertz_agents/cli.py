@@ -56,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
-        return int(args.handler(args) or 0)
+        handler = getattr(args, "handler", None) or args.func  # train commands set `func`
+        return int(handler(args) or 0)
     except HertzError as e:
         print(f"hertz-agents {args.command}: error: {e}", file=sys.stderr)
         return 2

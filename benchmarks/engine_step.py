@@ -90,7 +90,8 @@ def main() -> None:
         samples["ours@50"] += time_ours(model, 50, args.steps)
         samples["ours@1500"] += time_ours(model, 1500, args.steps)
         samples["original"] += time_original(model, max(1, args.steps // 2))
-        print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{k} {np.median(v) * 1000:.0f} ms" for k, v in samples.items()))
+        medians = ", ".join(f"{k} {np.median(v) * 1000:.0f} ms" for k, v in samples.items())
+        print(f"round {r + 1}/{args.rounds}: {medians}")
     med = {k: float(np.median(v) * 1000) for k, v in samples.items()}
     result = {
         "median_ms": med,

@@ -44,20 +44,13 @@ class CodecConfig:
         return hop
 
 
-@dataclass(frozen=True)
-class TransformerConfig:
-    """A decoder-only transformer stack (the AR trunk)."""
+class _TransformerShape:
+    """Derived sizes shared by both transformer configs (they have the same fields)."""
 
-    dim: int = 4096
-    layers: int = 32
-    heads: int = 32
-    kv_heads: int | None = None
-    ff_dim: int | None = None
-    vocab_size: int = 32768
-    latent_size: int = LATENT_DIM
-    theta: float = 10_000
-    eps: float = 1e-5
-    seq_len: int = 2048
+    dim: int
+    heads: int
+    kv_heads: int | None
+    ff_dim: int | None
 
     @property
     def n_kv_heads(self) -> int:
@@ -73,7 +66,23 @@ class TransformerConfig:
 
 
 @dataclass(frozen=True)
-class ResynthesizerConfig:
+class TransformerConfig(_TransformerShape):
+    """A decoder-only transformer stack (the AR trunk)."""
+
+    dim: int = 4096
+    layers: int = 32
+    heads: int = 32
+    kv_heads: int | None = None
+    ff_dim: int | None = None
+    vocab_size: int = 32768
+    latent_size: int = LATENT_DIM
+    theta: float = 10_000
+    eps: float = 1e-5
+    seq_len: int = 2048
+
+
+@dataclass(frozen=True)
+class ResynthesizerConfig(_TransformerShape):
     """The resynthesizer: a transformer that turns the next token into a GMM over the next latent."""
 
     dim: int = 4096
@@ -89,18 +98,6 @@ class ResynthesizerConfig:
     eps: float = 1e-5
     seq_len: int = 8192
     latent_size: int = LATENT_DIM
-
-    @property
-    def n_kv_heads(self) -> int:
-        return self.kv_heads or self.heads
-
-    @property
-    def head_dim(self) -> int:
-        return self.dim // self.heads
-
-    @property
-    def ffn_dim(self) -> int:
-        return self.ff_dim or default_ff_dim(self.dim)
 
     @property
     def injection_layer(self) -> int:

@@ -230,8 +230,13 @@ async def test_preload_then_pipelines_share_one_engine_and_batch_their_steps(tin
     ticks_before = len(engine.tick_sizes)
     started = time.monotonic()
 
+    # Both callers' audio starts at the same moment, as two calls' packets arriving together; the
+    # engine batches sessions whose steps are due within its batch window.
+    both_ready = asyncio.Barrier(2)
+
     async def call(service, seed):
         async def feed(worker):
+            await both_ready.wait()
             await feed_realtime(worker, speech_like(1.5, SAMPLE_RATE, seed=seed), SAMPLE_RATE)
             await asyncio.sleep(0.3)
 

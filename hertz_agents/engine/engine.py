@@ -4,8 +4,9 @@ Sessions hand the engine complete 125 ms input steps (``SlotHandle.submit``) fro
 The worker thread steps every session that has input in one batched tick, so asyncio code
 never waits on the model. Timing policy (see docs/engine.md):
 
-* a session steps as soon as it has a complete input step; sessions that become ready within
-  ``batch_window`` of each other share a tick;
+* a session steps as soon as it has a complete input step; a tick waits (at most
+  ``batch_window``) for other sessions whose next step is due within that window, so sessions
+  close in phase share a tick;
 * if a session's input stalls for ``stall_timeout`` past the time its next step was due, the
   engine steps it on silence so the model keeps its clock (a muted caller still hears the model);
 * if compute falls behind, the input backlog of a session is bounded (``max_input_backlog``
@@ -118,7 +119,7 @@ class Engine:
         max_sessions: int = 8,
         context: int | None = None,
         keep: int | None = None,
-        batch_window: float = 0.004,
+        batch_window: float = 0.010,
         stall_timeout: float = 2 * STEP_SECONDS,
         max_input_backlog: int = 4,
         compile: bool = False,
@@ -268,8 +269,9 @@ class Engine:
                 self._wakeup.wait(timeout)
                 self._wakeup.clear()
                 continue
-            if self.batch_window > 0 and len(ready) < self.active_sessions:
-                time.sleep(self.batch_window)  # let sessions a few ms behind join this tick
+            wait = self._wait_for_due(ready)
+            if wait > 0:
+                time.sleep(wait)  # sessions whose next step is due within the window join this tick
                 ready, _ = self._ready_handles()
                 if not ready:  # they closed meanwhile
                     continue
@@ -295,6 +297,26 @@ class Engine:
                 else:
                     timeout = min(timeout, deadline - now)
         return ready, max(timeout, 0.001)
+
+    def _wait_for_due(self, ready: list[SlotHandle]) -> float:
+        """How long to hold a tick so that sessions due within ``batch_window`` can join it.
+
+        A session's next step is due one step after its last one was complete; real-time callers
+        deliver close to that. Waiting for those due soon batches near-aligned sessions at a
+        bounded cost (at most ``batch_window`` of latency); sessions far out of phase are not
+        waited for (they get their own tick, which is cheap when the engine is not busy, and
+        under load ticks take long enough that everyone ready meanwhile shares the next one).
+        """
+        if self.batch_window <= 0:
+            return 0.0
+        now = time.monotonic()
+        waiting = {id(h) for h in ready}
+        due = [
+            h.next_due
+            for h in self._handles
+            if h is not None and not h.closed and id(h) not in waiting and h.next_due <= now + self.batch_window
+        ]
+        return min(max(due) - now + 0.001, self.batch_window) if due else 0.0
 
     @staticmethod
     def _take_inputs(ready: list[SlotHandle]) -> list[tuple[SlotHandle, np.ndarray | None, float]]:

@@ -5,9 +5,10 @@ and exits cleanly on SIGTERM.
 
 Whether 16 sessions can be *real time* depends on the machine: the engine must finish a batched
 tick of 16 sessions within 125 ms. The test measures that first (a short warm-up under the same
-load). When the machine keeps up, it asserts that no step is dropped at all; when it cannot, it
-still asserts everything above, then reports the measured shortfall as an expected failure and
-proves the no-drop promise with the number of sessions this machine does keep up with.
+load). It asserts that no step is dropped at all; only when steps were dropped AND the warm-up
+showed the machine too slow for 16 sessions does it report the shortfall as an expected failure
+(everything else still asserted) and prove the no-drop promise with the number of sessions this
+machine does keep up with.
 
 Knobs (environment): HERTZ_SOAK_MODEL (default: the project's `default` model when it is
 downloaded, else the tiny test model), HERTZ_SOAK_DEVICE (cpu), HERTZ_SOAK_SESSIONS (16),
@@ -142,7 +143,9 @@ async def test_sixteen_remote_sessions_for_a_minute(server_process):
     assert rss_after - rss_before < 20, rss
     assert await _metric(port, "hertz_sessions_max") == SESSIONS
 
-    if rtf > KEEPS_UP_RTF:
+    # Drops are excused only where the machine measurably cannot step this many sessions in real
+    # time; when nothing was dropped the promise held, whatever the margin.
+    if (result["dropped"] or result["missing"]) and rtf > KEEPS_UP_RTF:
         pytest.xfail(f"this machine is too slow for {SESSIONS} real-time sessions of this model: a batched step takes "
                      f"{rtf * STEP_SECONDS * 1000:.0f} ms of the 125 ms budget (RTF {rtf:.2f}); "
                      f"{result['dropped']} of {result['sent']} steps were dropped, every one accounted for. "

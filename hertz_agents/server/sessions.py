@@ -7,6 +7,7 @@ frees the slot whatever happens. :class:`NativeSession` speaks ``protocol.py``.
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import contextlib
 import logging
@@ -46,7 +47,7 @@ class SessionEnd(Exception):
         return cls(e.code.value, e.code.close_code, str(e), e.code)
 
 
-class Connection:
+class Connection(abc.ABC):
     """One WebSocket that holds (or is about to hold) an engine slot."""
 
     endpoint = "session"
@@ -89,8 +90,9 @@ class Connection:
             self.server.connections.discard(self)
             self.server.connection_changed()
 
+    @abc.abstractmethod
     async def serve(self) -> None:
-        raise NotImplementedError
+        """Read the client's messages until the session ends (each protocol its own)."""
 
     def end(self, end: SessionEnd) -> None:
         """Ask the session to end (from the loop: drain, a slow client, a failed step)."""
@@ -212,8 +214,9 @@ class Connection:
                 f"the client fell {self.limits.max_output_backlog_steps} steps behind reading its audio",
                 p.ErrorCode.CLIENT_TOO_SLOW))
 
+    @abc.abstractmethod
     def deliver(self, result: StepResult) -> None:
-        raise NotImplementedError
+        """Send one step's answer in this protocol's framing."""
 
 
 class NativeSession(Connection):

@@ -106,7 +106,7 @@ class Connection(abc.ABC):
         self.on_end(end)
         self._closer = asyncio.create_task(self._close(end))
 
-    def on_end(self, end: SessionEnd) -> None:
+    def on_end(self, end: SessionEnd) -> None:  # noqa: B027 - an optional hook, empty by default
         """Queue the endpoint's last message, if it has one."""
 
     def _release(self) -> None:

@@ -364,7 +364,9 @@ class Engine:
         self.tick_sizes.append(len(ready))
         for h, samples, complete in ready:
             silence = samples is None
-            h.next_due = (h.next_due if silence else max(h.next_due, complete)) + STEP_SECONDS
+            # The next step is due one step after this one: after the caller's real step, or on
+            # the engine's own clock after an inserted silence.
+            h.next_due = (h.next_due if silence else complete) + STEP_SECONDS
             info = StepInfo(h.steps, silence, samples, max(0.0, (start - complete) * 1000), compute_ms, complete)
             h.steps += 1
             h.position += 1

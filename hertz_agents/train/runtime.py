@@ -79,6 +79,9 @@ def setup(run: RunConfig) -> Runtime:
 
 def teardown() -> None:
     if dist.is_initialized():
+        # Every rank leaves together: a rank that destroys the group while another is still in a
+        # collective can abort at exit ("terminate called without an active exception").
+        dist.barrier()
         dist.destroy_process_group()
 
 

@@ -22,7 +22,6 @@ pipeline ends; without them the caller hangs up.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 from collections.abc import Awaitable, Callable
@@ -40,8 +39,8 @@ from pipecat.serializers.twilio import TwilioFrameSerializer
 from pipecat.transports.websocket.fastapi import FastAPIWebsocketParams, FastAPIWebsocketTransport
 from pipecat.workers.runner import WorkerRunner
 from pipecat_hertz import HertzDuplexService, HertzDuplexSettings
+from pipecat_hertz.example_args import add_model_arguments, preload_or_exit
 
-from hertz_agents.errors import HertzError
 from hertz_agents.timing import SAMPLE_RATE
 
 
@@ -144,36 +143,14 @@ def create_app(
     return app
 
 
-def gate_setting(value: str) -> float | str | None:
-    """``--gate-db``: "auto", "off" or a level in dBFS."""
-    return None if value == "off" else value if value == "auto" else float(value)
-
-
-def preload(model: str, prompt: str | None) -> None:
-    """Load the weights before serving, and say plainly what is wrong if they cannot be."""
-    if model.startswith("hertz://"):
-        return
-    try:
-        asyncio.run(HertzDuplexService.preload(model, prompt=prompt))
-    except HertzError as e:
-        raise SystemExit(f"error: {e}") from None
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="default", help="model name, checkpoint directory, or hertz://host:port")
-    parser.add_argument("--prompt", help="WAV the conversation starts from (mono, or stereo caller | model)")
-    parser.add_argument(
-        "--gate-db",
-        type=gate_setting,
-        default="auto",
-        help="speech gate threshold: auto (from the model's quiet level), a level in dBFS, or off",
-    )
+    add_model_arguments(parser)
     parser.add_argument("--public-host", help="host name Twilio reaches this server at (default: from the request)")
     parser.add_argument("--host", default="0.0.0.0")
     parser.add_argument("--port", type=int, default=8765)
     args = parser.parse_args()
-    preload(args.model, args.prompt)
+    preload_or_exit(args.model, args.prompt)
     app = create_app(args.model, prompt=args.prompt, gate_db=args.gate_db, public_host=args.public_host)
     logger.info(f"point your Twilio number's voice webhook at https://<public host>/twiml (port {args.port})")
     uvicorn.run(app, host=args.host, port=args.port)

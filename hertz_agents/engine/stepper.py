@@ -72,10 +72,6 @@ class Stepper:
         t.positions[slot] = latents.shape[0]
         t.last_tokens[slot] = next_tokens
 
-    def needs_rollover(self, rows: int) -> list[int]:
-        full = (self.table.positions[:rows] >= self.table.context).nonzero().flatten()
-        return full.tolist()
-
     @torch.no_grad()
     def rollover(self, slot: int) -> None:
         """The context is full: keep the last ``keep`` latents and re-prefill them at 0..keep-1.

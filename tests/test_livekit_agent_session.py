@@ -25,9 +25,9 @@ from livekit import rtc  # noqa: E402
 from livekit.agents import Agent, AgentSession, get_job_context, io, llm  # noqa: E402
 from livekit.agents.testing import fake_job_context  # noqa: E402
 from livekit.plugins import hertz  # noqa: E402
+from livekit_fixtures import *  # noqa: E402,F403 - the shared engine fixtures
 
 from hertz_agents.audio import RESAMPLE_QUALITY  # noqa: E402
-from hertz_agents.engine import load_engine  # noqa: E402
 from hertz_agents.timing import SAMPLE_RATE, SAMPLES_PER_STEP  # noqa: E402
 
 OUT_RATE = 24_000
@@ -115,16 +115,6 @@ async def run_call(model: hertz.DuplexModel, seconds: float, *, start: float | N
     return out, states, metrics, cleared
 
 
-@pytest.fixture(scope="module")
-def engine(tiny_model_dir):
-    return load_engine(tiny_model_dir)
-
-
-@pytest.fixture(autouse=True)
-def every_slot_is_given_back(engine):
-    before = engine.active_sessions
-    yield
-    assert engine.active_sessions == before, "the test left a session open on the engine"
 
 
 @pytest.mark.parametrize("in_job", [False, True], ids=["plain", "fake_job_context"])

@@ -23,26 +23,12 @@ sys.path.append(str(Path(__file__).resolve().parents[1] / "adapters" / "livekit"
 from livekit import rtc  # noqa: E402
 from livekit.agents import llm  # noqa: E402
 from livekit.plugins import hertz  # noqa: E402
+from livekit_fixtures import *  # noqa: E402,F403 - the shared engine fixtures
 
 from hertz_agents.audio import RESAMPLE_QUALITY  # noqa: E402
-from hertz_agents.engine import Engine, load_engine  # noqa: E402
+from hertz_agents.engine import Engine  # noqa: E402
 from hertz_agents.errors import EngineFull  # noqa: E402
 from hertz_agents.timing import SAMPLE_RATE, SAMPLES_PER_STEP, STEP_SECONDS  # noqa: E402
-
-# The engine's worker thread must stop before the interpreter tears torch down, or the process
-# aborts at exit ("terminate called without an active exception"); the core does not do it yet.
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_model_dir):
-    return load_engine(tiny_model_dir)
-
-
-@pytest.fixture(autouse=True)
-def every_slot_is_given_back(engine):
-    before = engine.active_sessions
-    yield
-    assert engine.active_sessions == before, "the test left a session open on the engine"
 
 
 def _frames(audio: np.ndarray, rate: int, frame_ms: int) -> list[rtc.AudioFrame]:

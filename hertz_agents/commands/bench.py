@@ -28,11 +28,12 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from hertz_agents.benchmark import bench_ticks
+    from hertz_agents.errors import HertzError
 
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.sessions < 1 or args.steps < 1:
-        raise SystemExit("--sessions and --steps must be at least 1")
+        raise HertzError("--sessions and --steps must be at least 1")
     result = bench_ticks(load(args), args.sessions, args.steps, start_position=args.position)
     if args.json:
         print(json.dumps(result.as_dict()))

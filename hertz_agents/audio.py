@@ -24,7 +24,8 @@ from hertz_agents.timing import SAMPLE_RATE
 PathLike = str | os.PathLike[str]
 
 RESAMPLE_QUALITY = "HQ"
-"""soxr quality for whole files: 'HQ' is 20-bit precision, flat to ~95% of Nyquist (live streams use the
+"""soxr quality for whole files: 'HQ' is 20-bit precision, flat to ~95% of Nyquist (live streams use
+the
 low-latency polyphase resampler, see docs/audio.md)."""
 
 INT16_SCALE = 32768.0
@@ -34,7 +35,8 @@ MAX_FLOAT_AMPLITUDE = 64.0
 """Float input louder than this is rejected: it is almost surely int16 values stored as floats."""
 
 MAX_FILE_CHANNELS = 64
-"""``write_audio`` refuses more channels than this: the array is probably ``[N, C]``, not ``[C, N]``."""
+"""``write_audio`` refuses more channels than this: the array is probably ``[N, C]``, not
+``[C, N]``."""
 
 
 def check_sample_rate(sample_rate: float, what: str = "sample_rate") -> int:
@@ -45,13 +47,14 @@ def check_sample_rate(sample_rate: float, what: str = "sample_rate") -> int:
         rate = 0
     if rate <= 0 or rate != sample_rate:
         raise AudioInputError(
-            f"{what} must be a positive whole number of Hz (e.g. 16000, 48000), got {sample_rate!r}."
+            f"{what} must be a positive whole number of Hz (e.g. 16000, 48000), "
+            f"got {sample_rate!r}."
         )
     return rate
 
 
 def check_finite(audio: np.ndarray, where: str = "audio") -> None:
-    """Raise AudioInputError if ``audio`` holds NaN or inf (which would poison the model's state)."""
+    """Raise AudioInputError if ``audio`` holds NaN or inf (they would poison the model's state)."""
     if audio.size and not np.isfinite(audio).all():
         bad = int(audio.size - np.count_nonzero(np.isfinite(audio)))
         raise AudioInputError(
@@ -90,7 +93,8 @@ def to_float32(pcm: bytes | bytearray | memoryview | np.ndarray, channels: int =
         raw = memoryview(pcm).cast("B")
         if raw.nbytes % 2:
             raise AudioInputError(
-                f"int16 PCM bytes must have an even length (2 bytes a sample), got {raw.nbytes} bytes; "
+                f"int16 PCM bytes must have an even length (2 bytes a sample), "
+                f"got {raw.nbytes} bytes; "
                 "send whole samples."
             )
         arr: np.ndarray = np.frombuffer(raw, dtype="<i2")
@@ -109,18 +113,21 @@ def to_float32(pcm: bytes | bytearray | memoryview | np.ndarray, channels: int =
         check_finite(out)
         if out.size and float(np.max(np.abs(out))) > MAX_FLOAT_AMPLITUDE:
             raise AudioInputError(
-                f"float audio peaks at {float(np.max(np.abs(out))):.0f}, far outside [-1, 1]; it looks like "
-                f"int16 values stored as floats: send them as int16, or divide by {INT16_SCALE:.0f}."
+                f"float audio peaks at {float(np.max(np.abs(out))):.0f}, far outside [-1, 1]; it "
+                "looks like int16 values stored as floats: send them as int16, or divide by "
+                f"{INT16_SCALE:.0f}."
             )
     else:
         raise AudioInputError(
-            f"audio dtype {arr.dtype} is not supported; send int16 PCM or float32/float64 in [-1, 1]."
+            f"audio dtype {arr.dtype} is not supported; send int16 PCM or float32/float64 "
+            "in [-1, 1]."
         )
 
     if out.ndim == 1:
         if out.shape[0] % channels:
             raise AudioInputError(
-                f"{out.shape[0]} interleaved samples is not a whole number of {channels}-channel frames; "
+                f"{out.shape[0]} interleaved samples is not a whole number of "
+                f"{channels}-channel frames; "
                 "send whole frames."
             )
         out = out.reshape(-1, channels)
@@ -132,8 +139,30 @@ def to_float32(pcm: bytes | bytearray | memoryview | np.ndarray, channels: int =
                 f"send [n] or [n, {channels}]{hint}."
             )
     else:
-        raise AudioInputError(f"audio must be shaped [n] or [n, channels], got {out.ndim} dims {out.shape}.")
+        raise AudioInputError(
+            f"audio must be shaped [n] or [n, channels], got {out.ndim} dims {out.shape}."
+        )
     return np.ascontiguousarray(out)
+
+
+def float_to_int16(audio: np.ndarray) -> np.ndarray:
+    """Float samples in [-1, 1] -> int16, the one conversion every part of hertz-agents uses.
+
+    Scales by ``INT16_SCALE`` (the inverse of :func:`to_float32`), rounds to nearest and clips
+    to the int16 range, so 1.0 becomes 32767 and -1.0 becomes -32768. Any shape.
+    """
+    scaled = np.asarray(audio, dtype=np.float32) * np.float32(INT16_SCALE)
+    return np.rint(np.clip(scaled, -INT16_SCALE, INT16_SCALE - 1)).astype(np.int16)
+
+
+def float_to_pcm16(audio: np.ndarray) -> bytes:
+    """Float samples in [-1, 1] -> int16 little-endian PCM bytes (:func:`float_to_int16`)."""
+    return float_to_int16(audio).astype("<i2", copy=False).tobytes()
+
+
+def pcm16_to_float(data: bytes | bytearray | memoryview) -> np.ndarray:
+    """int16 little-endian PCM bytes -> float32 ``[n]`` (unvalidated: for trusted, even lengths)."""
+    return np.frombuffer(data, dtype="<i2").astype(np.float32) / np.float32(INT16_SCALE)
 
 
 def mix_to_mono(audio: np.ndarray, *, channel_axis: int = -1) -> np.ndarray:
@@ -164,7 +193,7 @@ def rms(audio: np.ndarray) -> float:
 
 
 def dbfs(audio: np.ndarray, *, floor: float = -120.0) -> float:
-    """RMS level in dB relative to full scale 1.0 (a full-scale sine is -3.01 dBFS), at least ``floor``."""
+    """RMS level in dB of full scale 1.0 (a full-scale sine is -3.01 dBFS), at least ``floor``."""
     level = rms(audio)
     if level <= 0.0:
         return floor
@@ -172,7 +201,7 @@ def dbfs(audio: np.ndarray, *, floor: float = -120.0) -> float:
 
 
 def _convert_channels(frames: np.ndarray, channels: int | None) -> np.ndarray:
-    """``[N, C]`` -> ``[N, channels]``: duplicate mono, average down to mono, or keep the first two."""
+    """``[N, C]`` -> ``[N, channels]``: duplicate mono, average to mono, or keep the first two."""
     have = frames.shape[1]
     if channels is None or channels == have:
         return frames
@@ -196,7 +225,8 @@ def read_audio(
     """Read an audio file as float32 ``[channels, samples]`` at ``sample_rate``.
 
     Reads WAV, FLAC, OGG/Vorbis/Opus, MP3 and the other formats libsndfile knows, as float (a float
-    WAV is not quantized). Any rate is resampled with soxr (HQ). Channels: ``None`` keeps the file's;
+    WAV is not quantized). Any rate is resampled with soxr (HQ).
+    Channels: ``None`` keeps the file's;
     ``1`` averages all channels; ``2`` duplicates mono, or keeps the first two of a file with more
     (front left and right in WAV order).
 
@@ -220,7 +250,9 @@ def read_audio(
         if not p.is_file():
             raise AudioInputError(f"{name} is not a file; pass the path of an audio file.")
         if p.stat().st_size == 0:
-            raise AudioInputError(f"audio file {name} is empty (0 bytes); record or export it again.")
+            raise AudioInputError(
+                f"audio file {name} is empty (0 bytes); record or export it again."
+            )
     try:
         frames, file_rate = sf.read(path, dtype="float32", always_2d=True)  # [N, C]
     except (sf.SoundFileError, RuntimeError, TypeError) as exc:
@@ -233,7 +265,8 @@ def read_audio(
     duration = frames.shape[0] / file_rate
     if duration < min_seconds:
         raise AudioInputError(
-            f"{name} is {duration:.3f} s long, shorter than the {min_seconds:g} s needed; use a longer clip."
+            f"{name} is {duration:.3f} s long, shorter than the {min_seconds:g} s needed; "
+            "use a longer clip."
         )
     check_finite(frames, name)
 

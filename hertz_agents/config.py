@@ -83,7 +83,7 @@ class TransformerConfig(_TransformerShape):
 
 @dataclass(frozen=True)
 class ResynthesizerConfig(_TransformerShape):
-    """The resynthesizer: a transformer that turns the next token into a GMM over the next latent."""
+    """The resynthesizer: a transformer turning the next token into a GMM over the next latent."""
 
     dim: int = 4096
     layers: int = 8
@@ -116,10 +116,12 @@ class QuantizerConfig:
 
     @property
     def ffn_dim(self) -> int:
+        """Feed-forward width: ``ff_dim`` if set, else the default for ``dim``."""
         return self.ff_dim or default_ff_dim(self.dim)
 
     @property
     def codebook_size(self) -> int:
+        """Number of quantizer codes: the product of the FSQ levels."""
         size = 1
         for level in self.fsq_levels:
             size *= level
@@ -142,6 +144,7 @@ class HertzConfig:
         return 2 if self.split else 1
 
     def to_dict(self) -> dict[str, Any]:
+        """Return the config as a plain ``config.json``-style dict."""
         return dataclasses.asdict(self)
 
     @classmethod
@@ -150,7 +153,9 @@ class HertzConfig:
         known = {"split", "codec", "ar", "resynthesizer", "quantizer"}
         unknown = set(data) - known
         if unknown:
-            raise ValueError(f"config.json has unknown blocks {sorted(unknown)}; known: {sorted(known)}")
+            raise ValueError(
+                f"config.json has unknown blocks {sorted(unknown)}; known: {sorted(known)}"
+            )
         blocks: dict[str, Any] = {}
         for name, klass in (
             ("codec", CodecConfig),
@@ -165,8 +170,18 @@ class HertzConfig:
 
     @classmethod
     def from_json(cls, path: str | Path, *, split: bool | None = None) -> HertzConfig:
+        """Read a config from the ``config.json`` at ``path`` (see :meth:`from_dict`)."""
         with open(path) as f:
             return cls.from_dict(json.load(f), split=split)
+
+
+def usable_context(config: HertzConfig) -> int:
+    """Return the positions a conversation can use before it rolls over.
+
+    Both transformers must cover them (their rotary tables are ``seq_len`` long). The one
+    definition of the context.
+    """
+    return min(config.ar.seq_len, config.resynthesizer.seq_len)
 
 
 def _block(klass: type, name: str, values: dict[str, Any]) -> Any:
@@ -174,7 +189,8 @@ def _block(klass: type, name: str, values: dict[str, Any]) -> Any:
     unknown = set(values) - fields
     if unknown:
         raise ValueError(
-            f"config.json block {name!r} has unknown fields {sorted(unknown)}; known: {sorted(fields)}"
+            f"config.json block {name!r} has unknown fields {sorted(unknown)}; "
+            f"known: {sorted(fields)}"
         )
     clean = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
     return klass(**clean)

@@ -1,4 +1,4 @@
-"""The exceptions hertz-agents raises. Every message says what went wrong and what to do about it."""
+"""The exceptions hertz-agents raises. Every message says what went wrong and what to do."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ class HertzError(Exception):
 
 
 class AudioInputError(HertzError, ValueError):
-    """Audio that cannot be used: unreadable, empty, too short, NaN/inf, or the wrong shape or rate."""
+    """Audio that cannot be used: unreadable, empty, too short, NaN/inf, wrong shape or rate."""
 
 
 class CheckpointError(HertzError):

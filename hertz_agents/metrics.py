@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections import deque
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
@@ -12,10 +13,12 @@ from hertz_agents.timing import STEP_SECONDS
 WINDOW = 2048  # steps kept for percentiles (about 4 minutes)
 
 
-def percentiles(values, qs=(50, 90, 99)) -> dict[int, float]:
-    if len(values) == 0:
+def percentiles(values: Iterable[float], qs: Sequence[int] = (50, 90, 99)) -> dict[int, float]:
+    """The ``qs`` percentiles of ``values`` (NaN for each when there are none)."""
+    data = list(values)
+    if not data:
         return {q: float("nan") for q in qs}
-    arr = np.asarray(values, dtype=np.float64)
+    arr = np.asarray(data, dtype=np.float64)
     return {q: float(np.percentile(arr, q)) for q in qs}
 
 
@@ -35,7 +38,10 @@ class SessionMetrics:
         self.ttfa_ms: float | None = None
         self.compute_s = 0.0
 
-    def record_step(self, step_ms: float, queue_ms: float, latency_ms: float, silence: bool) -> None:
+    def record_step(
+        self, step_ms: float, queue_ms: float, latency_ms: float, silence: bool
+    ) -> None:
+        """Count one output step with its compute, queueing and end-to-end latency."""
         with self._lock:
             self.steps += 1
             self.step_ms.append(step_ms)
@@ -43,12 +49,17 @@ class SessionMetrics:
             self.latency_ms.append(latency_ms)
             self.compute_s += step_ms / 1000
             self.silence_steps += int(silence)
-            # A step is late when its audio comes out more than one step after its input was complete.
+            # A step is late when its audio comes out more than a step after its input was complete.
             self.late_steps += int(latency_ms > STEP_SECONDS * 1000)
 
     def snapshot(self) -> dict[str, float | int | None]:
+        """The figures as a plain dict (percentiles over the recent window)."""
         with self._lock:
-            step, queue, latency = percentiles(self.step_ms), percentiles(self.queue_ms), percentiles(self.latency_ms)
+            step, queue, latency = (
+                percentiles(self.step_ms),
+                percentiles(self.queue_ms),
+                percentiles(self.latency_ms),
+            )
             audio_s = self.steps * STEP_SECONDS
             return {
                 "steps": self.steps,
@@ -67,5 +78,6 @@ class SessionMetrics:
             }
 
     def recent_latency_ms(self, n: int) -> list[float]:
+        """The latencies of the last ``n`` steps, oldest first."""
         with self._lock:
             return list(self.latency_ms)[-n:]

@@ -52,7 +52,8 @@ class PolyphaseFilter:
         taps: Inputs each output reads.
         origin: Index of the first output of period 0 (period ``q`` starts at ``origin + q * up``),
             chosen so that a frame of a whole number of ``down`` inputs completes whole periods.
-        first: Absolute index of the first input period 0 reads; period ``q`` reads ``q * down`` later.
+        first: Absolute index of the first input period 0 reads; period ``q`` reads ``q * down``
+            later.
         stride: Inputs between the windows of consecutive groups of a period.
         bank: ``[groups, width, span]`` float32: the weights of output ``g * width + j`` of a period
             over the ``span`` inputs from ``first + g * stride`` (zero outside its ``taps``).
@@ -71,7 +72,10 @@ class PolyphaseFilter:
 
     @property
     def delay_s(self) -> float:
-        """The delay in seconds: an output sample is released once input ``delay_s`` past it has arrived."""
+        """The delay in seconds.
+
+        An output sample is released once input ``delay_s`` past it has arrived.
+        """
         return self.half_width / (self.up * self.in_rate)
 
     @property
@@ -85,7 +89,8 @@ def _layout(in_rate: int, out_rate: int, passband: float, stopband_db: float) ->
     g = math.gcd(in_rate, out_rate)
     up, down = out_rate // g, in_rate // g
     transition = (1.0 - passband) * min(in_rate, out_rate) / 2 / in_rate  # cycles per input sample
-    length = (stopband_db - 7.95) / (2.285 * 2 * math.pi * transition)  # Kaiser's formula, in inputs
+    # Kaiser's formula, in inputs
+    length = (stopband_db - 7.95) / (2.285 * 2 * math.pi * transition)
     half_width = math.ceil(length * up / 2)  # at the rate up * in_rate
     taps = 2 * half_width // up + 1
     # After q * down inputs, the outputs before q * up + ready0 are complete: periods start there.
@@ -97,8 +102,13 @@ def _layout(in_rate: int, out_rate: int, passband: float, stopband_db: float) ->
     return up, down, half_width, taps, origin, width, groups, stride
 
 
-def bank_size(in_rate: int, out_rate: int, passband: float = PASSBAND, stopband_db: float = STOPBAND_DB) -> int:
-    """About the float32 entries of the bank ``design`` would build (compare with ``MAX_BANK_SIZE``)."""
+def bank_size(
+    in_rate: int, out_rate: int, passband: float = PASSBAND, stopband_db: float = STOPBAND_DB
+) -> int:
+    """About the float32 entries of the bank ``design`` would build.
+
+    Compare with ``MAX_BANK_SIZE``.
+    """
     up, down, _, taps, _, width, groups, _ = _layout(in_rate, out_rate, passband, stopband_db)
     return groups * width * (taps + width * down // up + 1)
 
@@ -110,13 +120,18 @@ def design(
     """Design the filter for ``in_rate -> out_rate`` (cached: all sessions at one rate share it).
 
     Args:
-        in_rate, out_rate: Rates in Hz (positive ints).
+        in_rate: Input rate in Hz (a positive int).
+        out_rate: Output rate in Hz (a positive int).
         passband: Flat band, as a fraction of the lower Nyquist frequency (0 < passband < 1).
         stopband_db: Attenuation from the lower Nyquist frequency up (> 50 dB).
     """
     if not (0.0 < passband < 1.0 and stopband_db > 50.0):
-        raise ValueError(f"need 0 < passband < 1 and stopband_db > 50, got {passband}, {stopband_db}")
-    up, down, half_width, taps, origin, width, groups, stride = _layout(in_rate, out_rate, passband, stopband_db)
+        raise ValueError(
+            f"need 0 < passband < 1 and stopband_db > 50, got {passband}, {stopband_db}"
+        )
+    up, down, half_width, taps, origin, width, groups, stride = _layout(
+        in_rate, out_rate, passband, stopband_db
+    )
     beta = 0.1102 * (stopband_db - 8.7)  # Kaiser's window shape for this attenuation
     cutoff = (1.0 + passband) / 2 * min(in_rate, out_rate) / 2 / in_rate  # cycles per input sample
 
@@ -124,21 +139,30 @@ def design(
     # one's distance from the output's time, in samples at the rate up * in_rate.
     k = origin + np.arange(up)
     last = (k * down + half_width) // up
-    dist = (half_width - (k * down + half_width) % up)[:, None] + up * (np.arange(taps) - (taps - 1))  # [up, taps]
+    # [up, taps]
+    dist = (half_width - (k * down + half_width) % up)[:, None] + up * (
+        np.arange(taps) - (taps - 1)
+    )
     u = np.clip(dist / half_width, -1.0, 1.0)
-    window = np.where(np.abs(dist) <= half_width, np.i0(beta * np.sqrt(1.0 - u * u)) / np.i0(beta), 0.0)
+    window = np.where(
+        np.abs(dist) <= half_width, np.i0(beta * np.sqrt(1.0 - u * u)) / np.i0(beta), 0.0
+    )
     rows = 2 * cutoff * np.sinc(2 * cutoff * dist / up) * window  # [up, taps]
-    rows /= rows.sum(axis=1, keepdims=True)  # every phase passes DC exactly: no spurs at multiples of the gcd rate
+    # every phase passes DC exactly: no spurs at multiples of the gcd rate
+    rows /= rows.sum(axis=1, keepdims=True)
 
     first = int(last[0]) - (taps - 1)
-    offset = last - last[0] - np.arange(up) // width * stride  # where each output's taps start in its window
+    # where each output's taps start in its window
+    offset = last - last[0] - np.arange(up) // width * stride
     assert offset.min() >= 0, "a group's window starts after one of its outputs' taps"
     span = int(offset.max()) + taps
     bank = np.zeros((groups, width, span), dtype=np.float32)
     for i in range(up):  # once per design
         bank[i // width, i % width, offset[i] : offset[i] + taps] = rows[i]
     bank.flags.writeable = False
-    return PolyphaseFilter(in_rate, out_rate, up, down, half_width, taps, origin, first, stride, bank)
+    return PolyphaseFilter(
+        in_rate, out_rate, up, down, half_width, taps, origin, first, stride, bank
+    )
 
 
 class PolyphaseResampler:
@@ -164,8 +188,10 @@ class PolyphaseResampler:
         f = self.filter
         self._n_in = 0  # inputs received
         self._k = 0  # next output to return
-        self._base = min(0, f.first + (-f.origin // f.up) * f.down)  # absolute index of self._hist[:, 0]
-        self._hist = np.zeros((self.channels, -self._base), dtype=np.float32)  # [ch, m]: inputs still read
+        # absolute index of self._hist[:, 0]
+        self._base = min(0, f.first + (-f.origin // f.up) * f.down)
+        # [ch, m]: inputs still read
+        self._hist = np.zeros((self.channels, -self._base), dtype=np.float32)
 
     @property
     def held(self) -> float:
@@ -173,13 +199,19 @@ class PolyphaseResampler:
         return (self._n_in * self.filter.up - self._k * self.filter.down) / self.filter.down
 
     def process(self, x: np.ndarray) -> np.ndarray:
-        """Add the next frame, float32 ``[n, channels]``; return the outputs it completes, ``[k, channels]``."""
+        """Add the next frame, float32 ``[n, channels]``.
+
+        Returns:
+            The outputs it completes, ``[k, channels]``.
+        """
         f = self.filter
         self._n_in += x.shape[0]
         return self._run(x, max(0, (self._n_in * f.up - 1 - f.half_width) // f.down + 1))
 
     def flush(self) -> np.ndarray:
-        """End the signal (silence follows it): return its remaining outputs ``[k, channels]`` and reset.
+        """End the signal (silence follows it): return its remaining outputs and reset.
+
+        The outputs are ``[k, channels]``.
 
         The signal lasts ``round(inputs * up / down)`` output samples, as in a one-shot resample.
         """
@@ -190,7 +222,11 @@ class PolyphaseResampler:
         return out
 
     def _run(self, x: np.ndarray, stop: int) -> np.ndarray:
-        """Append ``x`` ``[n, ch]`` to the history; return outputs ``self._k .. stop-1`` as ``[k, ch]``."""
+        """Append ``x`` ``[n, ch]`` to the history.
+
+        Returns:
+            Outputs ``self._k .. stop-1`` as ``[k, ch]``.
+        """
         f = self.filter
         ch, start = self.channels, self._k
         groups, width, span = f.bank.shape
@@ -202,7 +238,9 @@ class PolyphaseResampler:
             p0, p1 = (start - f.origin) // f.up, -((f.origin - stop) // f.up)
             lo = p0 * f.down + f.first - self._base  # where period p0's window starts in buf
             need = lo + (p1 - 1 - p0) * f.down + (groups - 1) * f.stride + span
-            buf = np.concatenate([self._hist, x.T, np.zeros((ch, max(0, need - have)), np.float32)], axis=1)
+            buf = np.concatenate(
+                [self._hist, x.T, np.zeros((ch, max(0, need - have)), np.float32)], axis=1
+            )
             size = buf.itemsize
             windows = np.ndarray(  # [ch, periods, groups, span]: overlapping views into buf
                 (ch, p1 - p0, groups, span),

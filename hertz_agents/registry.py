@@ -21,7 +21,8 @@ REPO_ID = "si-pbc/hertz-dev"
 
 Role = Literal["codec", "quantizer", "resynthesizer", "ar"]
 
-_MD5_CHUNK = 8 * 1024 * 1024  # 8 MiB: large enough to hash at disk speed, small enough to stay flat in memory
+# 8 MiB: large enough to hash at disk speed, small enough to stay flat in memory
+_MD5_CHUNK = 8 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -80,7 +81,9 @@ class Variant:
         return sum(f.approx_bytes for f in self.files)
 
     def with_md5(self, overrides: Mapping[str, str]) -> Variant:
-        """Return a copy whose files take their md5 from ``overrides`` (file name -> md5) where given.
+        """Return a copy whose files take their md5 from ``overrides`` where given.
+
+        ``overrides`` maps a file name to its md5.
 
         Meant for tests and private mirrors that serve different bytes under the official names.
 
@@ -124,7 +127,8 @@ VARIANTS: dict[str, Variant] = {
             "hertz-dev",
             split=True,
             files=(_CODEC, _QUANTIZER, _RESYN_SPLIT, _AR_SPLIT),
-            description="two-channel (full-duplex) model: listens on one channel while speaking on the other",
+            description="two-channel (full-duplex) model: listens on one channel while speaking on "
+            "the other",
         ),
         Variant(
             "hertz-dev-mono",
@@ -142,20 +146,35 @@ VARIANTS: dict[str, Variant] = {
 }
 """Every official variant, by name."""
 
+CODEC_ONLY = Variant(
+    "codec",
+    split=False,
+    files=(_CODEC,),
+    description="the codec alone (95 M parameters): `encode`, `decode` and `load_codec()` only",
+)
+"""Only the official codec file: what ``hertz-agents download --variant codec`` fetches."""
+
+DOWNLOADS: dict[str, Variant] = {**VARIANTS, CODEC_ONLY.name: CODEC_ONLY}
+"""Everything ``hertz-agents download`` can fetch: the full variants and the codec alone."""
+
+CODEC_FILE = _CODEC.name
+"""The official codec file's name; a directory holding only it serves the codec."""
+
 
 def get_variant(name: str) -> Variant:
-    """Look up an official variant by name.
+    """Look up a downloadable set of official files by name.
 
     Args:
-        name: One of the keys of :data:`VARIANTS`.
+        name: One of the keys of :data:`DOWNLOADS` (the full variants of :data:`VARIANTS`, or
+            ``"codec"``).
 
     Raises:
         KeyError: If the name is unknown; the message lists the known names.
     """
     try:
-        return VARIANTS[name]
+        return DOWNLOADS[name]
     except KeyError:
-        known = ", ".join(VARIANTS)
+        known = ", ".join(DOWNLOADS)
         raise KeyError(f"unknown hertz-dev variant {name!r}; known variants: {known}") from None
 
 
@@ -239,7 +258,7 @@ class FileStatus:
 def check_dir(
     path: str | Path, variant: str | Variant, *, md5: bool = False, progress: bool = False
 ) -> list[FileStatus]:
-    """Report which of a variant's files are in a directory, and optionally whether their md5 matches.
+    """Report which of a variant's files are in a directory, optionally checking their md5.
 
     Args:
         path: The checkpoint directory.

@@ -32,7 +32,10 @@ LOW_LATENCY = "low-latency"
 """The default quality of live resampling: ``PolyphaseResampler``, a constant delay of a few ms."""
 
 FALLBACK_QUALITY = "HQ"
-"""soxr quality used by ``"low-latency"`` for the odd rate pairs it does not design (``MAX_BANK_SIZE``)."""
+"""soxr quality used by ``"low-latency"`` for the odd rate pairs it does not design.
+
+Those are the pairs whose bank would exceed ``MAX_BANK_SIZE``.
+"""
 
 
 class StreamResampler:
@@ -49,7 +52,9 @@ class StreamResampler:
             44101 Hz, never the usual ones) use soxr ``"HQ"``.
     """
 
-    def __init__(self, in_rate: int, out_rate: int, channels: int = 1, *, quality: str = LOW_LATENCY):
+    def __init__(
+        self, in_rate: int, out_rate: int, channels: int = 1, *, quality: str = LOW_LATENCY
+    ):
         self.in_rate = check_sample_rate(in_rate, "in_rate")
         self.out_rate = check_sample_rate(out_rate, "out_rate")
         self.channels = check_channels(channels)
@@ -82,7 +87,9 @@ class StreamResampler:
         ok = (x.ndim == 2 and x.shape[1] == self.channels) or (x.ndim == 1 and self.channels == 1)
         if not ok:
             want = "[n] or [n, 1]" if self.channels == 1 else f"[n, {self.channels}]"
-            raise AudioInputError(f"StreamResampler({self.channels} ch) takes {want}, got shape {x.shape}.")
+            raise AudioInputError(
+                f"StreamResampler({self.channels} ch) takes {want}, got shape {x.shape}."
+            )
         return np.ascontiguousarray(x)
 
     def process(self, x: np.ndarray) -> np.ndarray:
@@ -122,7 +129,7 @@ class StreamResampler:
 
 
 class Rechunker:
-    """Cuts a stream of float32 ``[n]`` arrays of any length into blocks of exactly ``size`` samples.
+    """Cuts a stream of float32 ``[n]`` arrays of any length into blocks of ``size`` samples.
 
     Args:
         size: Samples per block (``SAMPLES_PER_STEP`` for model steps).
@@ -165,7 +172,10 @@ class Rechunker:
         return blocks
 
     def flush(self, *, pad: bool = True) -> np.ndarray | None:
-        """Return the partial block (zero-padded to ``size`` unless ``pad=False``) and empty; None if none."""
+        """Return the partial block and empty the buffer; None if there is none.
+
+        The block is zero-padded to ``size`` unless ``pad=False``.
+        """
         if not self._fill:
             return None
         out = self._buf.copy() if pad else self._buf[: self._fill].copy()
@@ -225,7 +235,8 @@ class StepInput:
         """Add caller audio; return the model steps it completes (float32 ``[SAMPLES_PER_STEP]``).
 
         Args:
-            pcm: int16 bytes, or an int16/float array ``[n]`` or ``[n, channels]`` (see ``to_float32``).
+            pcm: int16 bytes, or an int16/float array ``[n]`` or ``[n, channels]`` (see
+                ``to_float32``).
             sample_rate: The audio's rate if it changed since the last push. A change ends the
                 previous stream (its resampler tail is kept) and starts a new resampler.
             channels: The audio's channel count if it changed.
@@ -254,7 +265,7 @@ class StepInput:
         return steps
 
     def reset(self) -> None:
-        """Forget everything pushed so far (a new caller, or after a barge-in that discards input)."""
+        """Forget everything pushed so far (a new caller, or a barge-in that discards input)."""
         self._resampler.reset()
         self._chunker.clear()
 

@@ -1,46 +1,57 @@
 """``DuplexSession``: the asyncio API every integration talks to (see docs/session_api.md).
 
-A session owns one engine slot. Caller audio of any rate, channel count, dtype and frame size
-goes in through ``push_audio``; it is resampled statefully to 16 kHz, mixed to mono and cut into
-125 ms steps that the engine's worker thread consumes. The model's audio comes back one chunk
-per step, resampled to the rate the caller asked for, through ``read()`` or ``async for``.
+A session owns one backend slot (a local engine's or a hertz server's). Caller audio of any
+rate, channel count, dtype and frame size goes in through ``push_audio``; it is resampled
+statefully to 16 kHz, mixed to mono and cut into 125 ms steps for the backend. The model's audio
+comes back one chunk per step, resampled to the rate the caller asked for, through ``read()`` or
+``async for``. The slot, the thread hop and the pairing of outputs with inputs live in
+``hertz_agents.loop_slot``; resampling and the recording happen here, on the event loop, so the
+engine's thread does no per-session work.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
-import threading
-import time
 from collections import deque
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-import soundfile as sf
 
 from hertz_agents.audio import rms
+from hertz_agents.backend import Backend, PromptSource
 from hertz_agents.errors import SessionClosed
+from hertz_agents.loop_slot import LoopSlot, StepResult
 from hertz_agents.metrics import SessionMetrics
+from hertz_agents.recording import CallRecorder
 from hertz_agents.resample import StepInput, StreamResampler
+from hertz_agents.resolve import ModelSpec, open_backend
 from hertz_agents.sampling import SamplingSettings
-from hertz_agents.timing import SAMPLE_RATE, SAMPLES_PER_STEP
+from hertz_agents.timing import SAMPLE_RATE
 
-REMOTE_SCHEME = "hertz://"
+__all__ = ["DEFAULT_MAX_EARLY_STEPS", "DuplexSession", "OutputChunk"]
+
+DEFAULT_MAX_EARLY_STEPS = 16
+"""Input steps (2 s) a session keeps while its slot opens; older ones are dropped and counted."""
+
+QUIET_RMS = 1e-3
+"""Below this a step counts as quiet: the one dropped first when the reader falls behind."""
 
 
 @dataclass
 class OutputChunk:
-    """One model step of audio: float32 mono at ``sample_rate``, with the engine's timing of it.
+    """One model step of audio: float32 mono at ``sample_rate``, with the backend's timing of it.
 
-    ``input_complete`` is the ``time.monotonic()`` at which the caller's step this chunk answers
+    ``input_seq`` is the number of the caller's step this chunk answers (caller steps are
+    numbered 0, 1, 2... in the order ``push_audio`` completes them, early ones included; the
+    numbers ``push_audio_nowait`` returns); None for a step the backend fed silence
+    (``silence_input``). ``input_complete`` is the ``time.monotonic()`` at which that caller step
     was complete (its last sample pushed), so the chunk's latency so far is
-    ``time.monotonic() - input_complete``. A step the engine fed silence (``silence_input``)
-    answers no caller step: there it is only the engine's reference time (when the step was due;
-    for a remote engine, when the step arrived). ``queue_ms`` is the wait from the input step being
-    complete to the engine's batched step starting and ``compute_ms`` that step's duration (for a
-    remote engine, both as measured on the server).
+    ``time.monotonic() - input_complete``; for a silence step it is only the backend's reference
+    time (when the step was due; for a remote engine, when the step arrived). ``queue_ms`` is the
+    wait from the input step being complete to the engine's batched step starting and
+    ``compute_ms`` that step's duration (for a remote engine, both as measured on the server).
     """
 
     audio: np.ndarray
@@ -51,107 +62,164 @@ class OutputChunk:
     input_complete: float = 0.0
     queue_ms: float = 0.0
     compute_ms: float = 0.0
+    input_seq: int | None = None
 
 
 class DuplexSession:
-    """One full-duplex conversation with hertz-dev. Create it with :meth:`open`."""
+    """One full-duplex conversation with hertz-dev.
 
-    def __init__(self, *, output_sample_rate: int, record_path: str | os.PathLike[str] | None,
-                 max_output_backlog: int) -> None:
-        self._loop = asyncio.get_running_loop()
+    Create it where an event loop runs, either at once (``DuplexSession(model, ...)``: the slot
+    opens in the background, caller audio pushed meanwhile is kept, up to ``max_early_steps``
+    steps, and fed once it opens; ``await session.wait_open()`` raises why it could not open),
+    or with ``await DuplexSession.open(model, ...)``, which returns once the slot is open.
+
+    Args:
+        model: A model name or checkpoint directory (the process's shared engine for it is
+            used), ``"hertz://host:port"`` for a hertz server, an engine object, or None for the
+            default model.
+        prompt: A WAV path, a prompt name known to the server, or stereo audio ``[2, n]``.
+        sampling: The sampling settings (default: ``SamplingSettings()``).
+        output_sample_rate: Rate of the audio the session yields.
+        record_path: Optional stereo WAV of the call: caller | model.
+        seed: Seed of the slot's sampler, for repeatable output.
+        max_output_backlog: Output steps kept for a slow reader; beyond it quiet steps (else the
+            oldest) are dropped and counted in ``metrics.dropped_output_steps``.
+        max_early_steps: Input steps kept while the slot opens; older ones are dropped and
+            counted in ``metrics.dropped_input_steps``.
+    """
+
+    def __init__(
+        self,
+        model: ModelSpec = None,
+        *,
+        prompt: PromptSource | None = None,
+        sampling: SamplingSettings | None = None,
+        output_sample_rate: int = SAMPLE_RATE,
+        record_path: str | os.PathLike[str] | None = None,
+        seed: int | None = None,
+        max_output_backlog: int = 16,
+        max_early_steps: int = DEFAULT_MAX_EARLY_STEPS,
+    ) -> None:
+        if output_sample_rate <= 0:
+            raise ValueError(f"output_sample_rate must be positive, got {output_sample_rate}")
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            raise RuntimeError(
+                "create a DuplexSession where an event loop runs (in async code); it delivers "
+                "its audio on that loop"
+            ) from None
         self.output_sample_rate = output_sample_rate
         self._output_resampler = StreamResampler(SAMPLE_RATE, output_sample_rate)
         self._input: StepInput | None = None
         self._outbox: deque[OutputChunk] = deque()
         self._has_output = asyncio.Event()
         self._max_output_backlog = max_output_backlog
-        self._handle: Any = None
         self._closed = False
         self._error: BaseException | None = None
-        self._record_lock = threading.Lock()
-        self._record: sf.SoundFile | None = None
-        self._record_model_prev = np.zeros(SAMPLES_PER_STEP, dtype=np.float32)
-        if record_path is not None:
-            self._record = sf.SoundFile(str(record_path), "w", SAMPLE_RATE, 2, subtype="PCM_16")
+        self._slot = LoopSlot(
+            self._on_step, on_closed=self._backend_closed, max_early_steps=max(1, max_early_steps)
+        )
+        self._recorder = CallRecorder(record_path) if record_path is not None else None
+        self._slot.start(open_backend(model), sampling=sampling, prompt=prompt, seed=seed)
 
     @classmethod
     async def open(
         cls,
-        engine: Any = None,
+        engine: ModelSpec = None,
         *,
-        prompt: str | Path | np.ndarray | None = None,
+        prompt: PromptSource | None = None,
         sampling: SamplingSettings | None = None,
         output_sample_rate: int = SAMPLE_RATE,
         record_path: str | os.PathLike[str] | None = None,
         seed: int | None = None,
         max_output_backlog: int = 16,
     ) -> DuplexSession:
-        """Open a session on ``engine``: an :class:`Engine`, a model name or directory (the
-        process's shared engine for it is used), ``"hertz://host:port"`` for a remote server, or
-        None for the default model."""
-        if output_sample_rate <= 0:
-            raise ValueError(f"output_sample_rate must be positive, got {output_sample_rate}")
-        session = cls(output_sample_rate=output_sample_rate, record_path=record_path,
-                      max_output_backlog=max_output_backlog)
-        backend = await session._backend(engine)
-        opening = asyncio.ensure_future(
-            asyncio.to_thread(
-                backend.open, session._on_output, sampling=sampling, prompt=prompt, seed=seed,
-                on_closed=session._on_backend_closed,
-            )
+        """Create a session on ``engine`` (any ``model=`` value) and wait until its slot is open.
+
+        Raises what :meth:`wait_open` raises; cancelling it gives the slot back.
+        """
+        session = cls(
+            engine,
+            prompt=prompt,
+            sampling=sampling,
+            output_sample_rate=output_sample_rate,
+            record_path=record_path,
+            seed=seed,
+            max_output_backlog=max_output_backlog,
         )
         try:
-            session._handle = await asyncio.shield(opening)
-        except asyncio.CancelledError:
-            # The slot is being taken on another thread: give it back as soon as it arrives.
-            opening.add_done_callback(lambda f: f.cancelled() or f.exception() or f.result().close())
-            session._close_recording()
-            raise
+            await session.wait_open()
         except BaseException:
-            session._close_recording()
+            session._close_now()
             raise
         return session
 
-    @staticmethod
-    async def _backend(engine: Any) -> Any:
-        if isinstance(engine, str) and engine.startswith(REMOTE_SCHEME):
-            from hertz_agents.server.client import RemoteEngine
+    async def wait_open(self) -> None:
+        """Wait until the slot is open.
 
-            return await RemoteEngine.connect(engine)
-        if engine is None or isinstance(engine, (str, os.PathLike)):
-            from hertz_agents.engine import load_engine
+        Raises:
+            EngineFull: No slot is free. ModelNotFound: the model is not installed.
+            ServerUnavailable, AuthenticationFailed: a remote server refused or did not answer.
+            SessionClosed: the session was closed before its slot opened.
+        """
+        await self._slot.wait_open()
 
-            return await asyncio.to_thread(load_engine, engine or "default")
-        return engine
+    @property
+    def is_open(self) -> bool:
+        """The slot is open and the session not closed."""
+        return self._slot.opened and not self._closed
+
+    @property
+    def backend(self) -> Backend | None:
+        """The engine or server this session runs on (None until it is known)."""
+        return self._slot.backend
 
     # -- input ------------------------------------------------------------------------------
-    def push_audio_nowait(self, audio: bytes | np.ndarray, sample_rate: int, channels: int = 1) -> None:
-        """Queue caller audio: int16 bytes or an int16/float array, any rate, any frame size."""
+    def push_audio_nowait(
+        self, audio: bytes | np.ndarray, sample_rate: int, channels: int = 1
+    ) -> list[int]:
+        """Queue caller audio: int16 bytes or an int16/float array, any rate, any frame size.
+
+        Returns:
+            The sequence numbers of the steps this audio completed (``OutputChunk.input_seq``
+            names them); empty when it completed none.
+        """
         if self._closed:
             raise self._error or SessionClosed("this session is closed; open a new one")
         if self._input is None:
             self._input = StepInput(sample_rate, channels)
-        now = time.monotonic()
+        seqs: list[int] = []
         for step in self._input.push(audio, sample_rate=sample_rate, channels=channels):
-            self._handle.submit(step, now)
+            seq = self._slot.submit(step)
+            if seq is not None:
+                seqs.append(seq)
+        return seqs
 
-    async def push_audio(self, audio: bytes | np.ndarray, sample_rate: int, channels: int = 1) -> None:
+    async def push_audio(
+        self, audio: bytes | np.ndarray, sample_rate: int, channels: int = 1
+    ) -> list[int]:
         """Same as :meth:`push_audio_nowait`; never waits on the model."""
-        self.push_audio_nowait(audio, sample_rate, channels)
+        return self.push_audio_nowait(audio, sample_rate, channels)
 
-    # -- output -----------------------------------------------------------------------------
-    def _on_output(self, audio: np.ndarray, info: Any) -> None:
-        """Called on the engine's thread with one 16 kHz step."""
-        out = self._output_resampler.process(audio)
-        chunk = OutputChunk(
-            out, self.output_sample_rate, info.step, rms(audio), info.silence_input,
-            input_complete=info.input_complete, queue_ms=info.queue_ms, compute_ms=info.compute_ms,
+    # -- output (on the event loop) -----------------------------------------------------------
+    def _on_step(self, result: StepResult) -> None:
+        out = self._output_resampler.process(result.audio)
+        if self._recorder is not None:
+            self._recorder.write(result.input_audio, result.audio)
+        self._deliver(
+            OutputChunk(
+                out,
+                self.output_sample_rate,
+                result.step,
+                rms(result.audio),
+                result.silence_input,
+                input_complete=result.input_complete,
+                queue_ms=result.queue_ms,
+                compute_ms=result.compute_ms,
+                input_seq=result.seq,
+            )
         )
-        self._write_recording(info.input_audio, audio)
-        try:
-            self._loop.call_soon_threadsafe(self._deliver, chunk)
-        except RuntimeError:  # the event loop is gone: nobody is listening any more
-            pass
 
     def _deliver(self, chunk: OutputChunk) -> None:
         if self._closed:
@@ -159,19 +227,13 @@ class DuplexSession:
         self._outbox.append(chunk)
         while len(self._outbox) > self._max_output_backlog:
             # The reader fell behind: drop a quiet step if there is one, else the oldest.
-            quiet = next((c for c in self._outbox if c.rms < 1e-3), None)
+            quiet = next((c for c in self._outbox if c.rms < QUIET_RMS), None)
             self._outbox.remove(quiet if quiet is not None else self._outbox[0])
             self.metrics.dropped_output_steps += 1
         self._has_output.set()
 
-    def _on_backend_closed(self, error: BaseException) -> None:
-        """The engine or server ended this session (any thread): wake readers with the reason."""
-        try:
-            self._loop.call_soon_threadsafe(self._backend_closed, error)
-        except RuntimeError:  # the event loop is gone
-            pass
-
     def _backend_closed(self, error: BaseException) -> None:
+        """The backend ended this session, or it could not open: wake readers with the reason."""
         if self._closed:
             return
         self._error, self._closed = error, True
@@ -203,29 +265,39 @@ class DuplexSession:
     # -- control ----------------------------------------------------------------------------
     @property
     def sampling(self) -> SamplingSettings:
-        return self._handle.sampling
+        """The sampling settings in effect."""
+        return self._slot.sampling
 
-    def update_sampling(self, **changes: float | None) -> SamplingSettings:
+    def update_sampling(self, **changes: Any) -> SamplingSettings:
         """Change temperatures, top-p or min-p; takes effect from the next step."""
-        settings = self._handle.sampling.replace(**changes)
-        self._handle.update_sampling(settings)
+        settings = self._slot.sampling.replace(**changes)
+        self._slot.update_sampling(settings)
         return settings
 
     @property
     def metrics(self) -> SessionMetrics:
-        return self._handle.metrics
+        """This session's figures (``snapshot()`` gives a dict)."""
+        return self._slot.metrics
 
     @property
     def closed(self) -> bool:
+        """True once the session is closed, by its caller or by the backend."""
         return self._closed
 
     async def close(self) -> None:
-        """Free the engine slot and finish the recording. Safe to call twice."""
+        """Free the slot and finish the recording. Idempotent.
+
+        A slot that is still being opened is given back as soon as it opens; ``close`` returns
+        once it has been.
+        """
+        self._close_now()
+        await self._slot.wait_released()
+
+    def _close_now(self) -> None:
         if self._closed:
             return
         self._closed = True
-        if self._handle is not None:
-            self._handle.close()
+        self._slot.close()
         self._close_recording()
         self._has_output.set()
 
@@ -235,18 +307,6 @@ class DuplexSession:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    # -- recording --------------------------------------------------------------------------
-    def _write_recording(self, caller: np.ndarray | None, model: np.ndarray) -> None:
-        """Caller | model, aligned as heard: the model's answer plays one step after its input."""
-        with self._record_lock:
-            if self._record is None:
-                return
-            left = caller if caller is not None else np.zeros(SAMPLES_PER_STEP, dtype=np.float32)
-            self._record.write(np.stack([left, self._record_model_prev], axis=1).clip(-1, 1))
-            self._record_model_prev = model
-
     def _close_recording(self) -> None:
-        with self._record_lock:
-            if self._record is not None:
-                self._record.close()
-                self._record = None
+        if self._recorder is not None:
+            self._recorder.close()

@@ -19,3 +19,9 @@ STEP_SECONDS = SAMPLES_PER_STEP / SAMPLE_RATE
 
 LATENT_DIM = 32
 """Width of one codec latent."""
+
+MIN_PROMPT_STEPS = 2
+"""The shortest prompt, in steps: the engine's prefill needs two latents."""
+
+MIN_PROMPT_SECONDS = MIN_PROMPT_STEPS * STEP_SECONDS
+"""The shortest prompt, in seconds (0.25)."""

@@ -16,7 +16,9 @@ from torch import Tensor, nn
 from hertz_agents.errors import CheckpointError
 
 _G, _V = ".parametrizations.weight.original0", ".parametrizations.weight.original1"
-CODEC_UNUSED = re.compile(r"^(recon_metric\.metrics\.0\.window|(encoder|decoder)\.res_stack\.[\d.a-z_]*pad_buffer)$")
+CODEC_UNUSED = re.compile(
+    r"^(recon_metric\.metrics\.0\.window|(encoder|decoder)\.res_stack\.[\d.a-z_]*pad_buffer)$"
+)
 
 
 def fold_weight_norm(state: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -29,14 +31,18 @@ def fold_weight_norm(state: dict[str, Tensor]) -> dict[str, Tensor]:
             base = key[: -len(_G)]
             v = state.get(base + _V)
             if v is None:
-                raise CheckpointError(f"weight-norm key {base + _V!r} is missing (its g, {key!r}, is present)")
+                raise CheckpointError(
+                    f"weight-norm key {base + _V!r} is missing (its g, {key!r}, is present)"
+                )
             norm = v.float().norm(dim=tuple(range(1, v.dim())), keepdim=True)
             out[base + ".weight"] = (value.float() * v.float() / norm).to(v.dtype)
         else:
             out[key] = value
     for key in state:
         if key.endswith(_V) and key[: -len(_V)] + _G not in state:
-            raise CheckpointError(f"weight-norm key {key[: -len(_V)] + _G!r} is missing (its v, {key!r}, is present)")
+            raise CheckpointError(
+                f"weight-norm key {key[: -len(_V)] + _G!r} is missing (its v, {key!r}, is present)"
+            )
     return out
 
 
@@ -46,7 +52,9 @@ def official_codec_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
     return fold_weight_norm(kept)
 
 
-def check_and_load(module: nn.Module, state: dict[str, Tensor], what: str, *, assign: bool = False) -> None:
+def check_and_load(
+    module: nn.Module, state: dict[str, Tensor], what: str, *, assign: bool = False
+) -> None:
     """Load ``state`` strictly into ``module``; on any mismatch raise one error naming every key."""
     expected = module.state_dict()
     missing = sorted(set(expected) - set(state))
@@ -58,9 +66,15 @@ def check_and_load(module: nn.Module, state: dict[str, Tensor], what: str, *, as
     )
     if missing or unexpected or shapes:
         parts = [f"{what} does not match the model configuration:"]
-        for title, items in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", shapes)):
+        for title, items in (
+            ("missing keys", missing),
+            ("unexpected keys", unexpected),
+            ("wrong shapes", shapes),
+        ):
             if items:
-                shown = ", ".join(items[:12]) + (f" ... (+{len(items) - 12} more)" if len(items) > 12 else "")
+                shown = ", ".join(items[:12]) + (
+                    f" ... (+{len(items) - 12} more)" if len(items) > 12 else ""
+                )
                 parts.append(f"  {title} ({len(items)}): {shown}")
         parts.append(
             "  If this directory holds a smaller model, its config.json must give its sizes; "

@@ -1,4 +1,4 @@
-"""The streaming codec: chunked processing equals one pass, and output never depends on the future."""
+"""The streaming codec: chunked processing equals one pass; output never depends on the future."""
 
 from __future__ import annotations
 
@@ -40,7 +40,9 @@ def test_chunked_encoding_equals_one_pass(codec, chunk_frames):
 
 @pytest.mark.parametrize("chunk_frames", [1, 2, 5])
 def test_chunked_decoding_equals_one_pass(codec, chunk_frames):
-    latents = torch.randn(2, 10, codec.config.latent_dim, generator=torch.Generator().manual_seed(4))
+    latents = torch.randn(
+        2, 10, codec.config.latent_dim, generator=torch.Generator().manual_seed(4)
+    )
     with torch.no_grad():
         full = codec.decode(latents)
         state = codec.initial_decoder_state(latents.shape[0])

@@ -10,7 +10,6 @@ import torch
 
 from hertz_agents.checkpoint import load_model
 from hertz_agents.engine import Engine
-from hertz_agents.engine.slots import SlotTable
 from hertz_agents.engine.stepper import Stepper
 from hertz_agents.errors import EngineFull
 from hertz_agents.sampling import SamplingSettings, SamplingTensors
@@ -25,15 +24,18 @@ def model(tiny_model_dir):
 def _speechlike(steps: int, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     t = np.arange(steps * SAMPLES_PER_STEP) / 16000
-    return (0.2 * np.sin(2 * np.pi * (120 + 40 * np.sin(t * 3)) * t) * rng.uniform(0.5, 1, t.shape)).astype(
-        np.float32
-    ).reshape(steps, SAMPLES_PER_STEP)
+    return (
+        (0.2 * np.sin(2 * np.pi * (120 + 40 * np.sin(t * 3)) * t) * rng.uniform(0.5, 1, t.shape))
+        .astype(np.float32)
+        .reshape(steps, SAMPLES_PER_STEP)
+    )
 
 
-def _run_rows(model, inputs: list[np.ndarray], active_rows: list[int], slots: int) -> dict[int, list[np.ndarray]]:
+def _run_rows(
+    model, inputs: list[np.ndarray], active_rows: list[int], slots: int
+) -> dict[int, list[np.ndarray]]:
     """Step the given slots together (greedy sampling: identical math whatever the batch)."""
-    table = SlotTable(model, slots, 32, "cpu", torch.float32)
-    stepper = Stepper(model, table, keep=24)
+    stepper = Stepper(model, slots, context=32, keep=24)
     rows = max(active_rows) + 1
     greedy = SamplingSettings(token_temp=0, categorical_temp=0, gaussian_temp=0)
     sampling = SamplingTensors.from_settings([greedy] * rows)
@@ -65,8 +67,8 @@ def test_two_sessions_batched_equal_each_alone(model):
 def test_inactive_rows_keep_their_state(model):
     """A row that skips a tick continues exactly as if the tick had not happened."""
     inputs = [_speechlike(6, 3), _speechlike(6, 4)]
-    table = SlotTable(model, 2, 32, "cpu", torch.float32)
-    stepper = Stepper(model, table, keep=24)
+    stepper = Stepper(model, 2, context=32, keep=24)
+    table = stepper.table
     greedy = SamplingTensors.from_settings([SamplingSettings(0, 0, 0)] * 2)
     gens = [torch.Generator(), torch.Generator()]
     both = torch.ones(2, dtype=torch.bool)
@@ -89,7 +91,9 @@ def test_cost_per_step_does_not_depend_on_call_length(model):
     assert early.bytes_per_session == late.bytes_per_session  # same buffers, nothing grew
 
 
-def _collect(engine: Engine, steps: int, feed: bool = True, timeout: float = 60.0) -> tuple[list, object]:
+def _collect(
+    engine: Engine, steps: int, feed: bool = True, timeout: float = 60.0
+) -> tuple[list, object]:
     outputs: list = []
     handle = engine.open(lambda audio, info: outputs.append((audio, info)), seed=0)
     audio = _speechlike(steps, 5)
@@ -97,7 +101,11 @@ def _collect(engine: Engine, steps: int, feed: bool = True, timeout: float = 60.
         for step in audio:
             handle.submit(step)
             deadline = time.monotonic() + timeout
-            while len(outputs) < handle.steps + 1 and len(outputs) < steps and time.monotonic() < deadline:
+            while (
+                len(outputs) < handle.steps + 1
+                and len(outputs) < steps
+                and time.monotonic() < deadline
+            ):
                 time.sleep(0.002)
     deadline = time.monotonic() + timeout
     while len(outputs) < steps and time.monotonic() < deadline:
@@ -126,7 +134,7 @@ def test_engine_full_and_slots_are_freed(model):
         b = engine.open(lambda *_: None)
         with pytest.raises(EngineFull, match="2 session slots"):
             engine.open(lambda *_: None)
-        assert engine.load() == 1.0
+        assert engine.occupancy == 1.0
         a.close()
         c = engine.open(lambda *_: None)
         assert c.slot == a.slot
@@ -138,7 +146,7 @@ def test_engine_full_and_slots_are_freed(model):
 
 
 def test_silent_caller_still_gets_model_audio(model):
-    """With no caller input the engine steps on silence after the stall timeout, keeping its clock."""
+    """With no caller input the engine steps on silence after the stall timeout, keeping time."""
     engine = Engine(model, max_sessions=1, context=64, stall_timeout=0.05)
     try:
         outputs, handle = _collect(engine, 6, feed=False, timeout=10)
@@ -174,9 +182,12 @@ def test_prompt_prefill_is_computed_once_and_shared(model, tmp_path):
         a = engine.open(lambda *_: None, prompt=path)
         b = engine.open(lambda *_: None, prompt=path)
         assert len(engine._prompts) == 1
-        assert a.position == b.position == 5  # 6 prompt steps: 5 prefilled, the 6th is the model's last
+        assert (
+            a.position == b.position == 5
+        )  # 6 prompt steps: 5 prefilled, the 6th is the model's last
         for layer in range(len(engine.table.caches.ar.k)):
-            assert torch.equal(engine.table.caches.ar.k[layer][0, :5], engine.table.caches.ar.k[layer][1, :5])
+            keys = engine.table.caches.ar.k[layer]  # [channels, slots, heads, positions, dim]
+            assert torch.equal(keys[:, 0, :, :5], keys[:, 1, :, :5])
         a.close()
         b.close()
     finally:

@@ -30,7 +30,10 @@ def _ar_model(name: str):
     meta, t = load_reference(name)
     blocks = {k: meta["config"][k] for k in ("ar", "resynthesizer", "quantizer")}
     config = HertzConfig.from_dict(blocks, split=meta["split"])
-    ar, resynth = HertzAR(config.ar, config.split), Resynthesizer(config.resynthesizer, config.quantizer, config.split)
+    ar, resynth = (
+        HertzAR(config.ar, config.split),
+        Resynthesizer(config.resynthesizer, config.quantizer, config.split),
+    )
     w = weights(t)
     check_and_load(ar, {k: v for k, v in w.items() if not k.startswith("resynthesizer.")}, name)
     check_and_load(resynth, weights(w, "resynthesizer."), name)
@@ -58,7 +61,9 @@ def test_one_pass_logits_tokens_and_mixtures_match_reference(name):
             quantized, tokens = resynth.quantizer(channel)
             assert torch.equal(tokens, t["output.tokens" + suffix])
             assert_close(quantized, t["output.quantized" + suffix])
-        next_tokens = torch.cat([t["input.next_token_1"], t["input.next_token_2"]][: len(suffixes)], dim=1)
+        next_tokens = torch.cat(
+            [t["input.next_token_1"], t["input.next_token_2"]][: len(suffixes)], dim=1
+        )
         mixtures = resynth(latents, next_tokens)
     for lg, suffix in zip(logits, suffixes):
         assert_close(lg, t["output.logits_full" + suffix])
@@ -85,10 +90,14 @@ def test_cached_steps_match_reference_step_outputs(name):
             logits = ar(chunk, positions, ar_cache, last_only=True)
             for head, lg in enumerate(logits):
                 assert_close(lg[:, -1], t["output.step_logits"][f, head])
-            tokens = torch.cat([t[f"input.step_next_token_{c + 1}.{f}"] for c in range(len(suffixes))], dim=1)
+            tokens = torch.cat(
+                [t[f"input.step_next_token_{c + 1}.{f}"] for c in range(len(suffixes))], dim=1
+            )
             mixtures = resynth(chunk, tokens, positions, rs_cache, last_only=True)
             for head, (locs, scales, mix_weights) in enumerate(mixtures):
-                flat = torch.cat([locs.flatten(2), scales.flatten(2), mix_weights.flatten(2)], dim=-1)
+                flat = torch.cat(
+                    [locs.flatten(2), scales.flatten(2), mix_weights.flatten(2)], dim=-1
+                )
                 assert_close(flat[:, -1], t["output.step_resynth_params"][f, head, 0][None])
 
 

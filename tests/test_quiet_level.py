@@ -12,7 +12,7 @@ from hertz_agents.audio import rms
 from hertz_agents.checkpoint import load_model
 from hertz_agents.engine import Engine, measure_quiet_level
 from hertz_agents.engine.quiet import QUIET_MEASURE_STEPS, QUIET_WINDOW_STEPS
-from hertz_agents.server.client import RemoteEngine
+from hertz_agents.remote.client import RemoteEngine
 from hertz_agents.timing import SAMPLES_PER_STEP
 
 
@@ -50,7 +50,10 @@ def _levels_on_silence(engine: Engine, steps: int, seed: int) -> list[float]:
 def test_the_level_is_the_quietest_half_second_of_the_models_output_on_silence(engine):
     level = measure_quiet_level(engine, seed=3)
     levels = np.asarray(_levels_on_silence(engine, QUIET_MEASURE_STEPS, seed=3))
-    windows = [levels[i : i + QUIET_WINDOW_STEPS].mean() for i in range(len(levels) - QUIET_WINDOW_STEPS + 1)]
+    windows = [
+        levels[i : i + QUIET_WINDOW_STEPS].mean()
+        for i in range(len(levels) - QUIET_WINDOW_STEPS + 1)
+    ]
     assert level is not None and level > 0
     assert level == pytest.approx(min(windows), rel=1e-5)
     assert level <= levels.mean()
@@ -67,14 +70,19 @@ def test_the_level_is_measured_once_per_engine(engine, monkeypatch):
 
     monkeypatch.setattr(engine, "open", counting_open)
     results: list[float | None] = []
-    threads = [threading.Thread(target=lambda: results.append(measure_quiet_level(engine))) for _ in range(3)]
+    threads = [
+        threading.Thread(target=lambda: results.append(measure_quiet_level(engine)))
+        for _ in range(3)
+    ]
     for t in threads:
         t.start()
     for t in threads:
         t.join(60)
     assert len(opens) == 1, "concurrent first calls share one measurement"
     assert len(results) == 3 and results[0] is not None and len(set(results)) == 1
-    assert measure_quiet_level(engine, steps=4, seed=9) == results[0], "later calls get the cached level"
+    assert measure_quiet_level(engine, steps=4, seed=9) == results[0], (
+        "later calls get the cached level"
+    )
     assert len(opens) == 1
 
 

@@ -1,4 +1,7 @@
-"""Streaming resampling, re-chunking into model steps, and StepInput (caller PCM -> 2000-sample steps)."""
+"""Streaming resampling, re-chunking into model steps, and StepInput.
+
+StepInput turns caller PCM into 2000-sample steps.
+"""
 
 from __future__ import annotations
 
@@ -50,11 +53,14 @@ def _level_db(y: np.ndarray, ref: float) -> float:
 
 @pytest.mark.parametrize("in_rate,out_rate", PAIRS)
 @pytest.mark.parametrize("max_frame", [1, 37, 480, 5000])
-def test_streaming_in_random_frames_equals_one_shot(in_rate: int, out_rate: int, max_frame: int) -> None:
+def test_streaming_in_random_frames_equals_one_shot(
+    in_rate: int, out_rate: int, max_frame: int
+) -> None:
     # The filter state carries across frames exactly: any framing gives the samples of one call.
     rng = np.random.default_rng(in_rate + out_rate + max_frame)
     seconds = 0.1 if max_frame <= 37 else 0.5  # tiny frames are many Python calls
-    x = (0.3 * rng.standard_normal(int(in_rate * seconds))).astype(np.float32)  # noise: every frequency
+    # noise: every frequency
+    x = (0.3 * rng.standard_normal(int(in_rate * seconds))).astype(np.float32)
     expected = _one_shot(in_rate, out_rate, x)
     got = _stream(StreamResampler(in_rate, out_rate), _random_frames(x, rng, max_frame))
     assert got.dtype == np.float32
@@ -63,13 +69,17 @@ def test_streaming_in_random_frames_equals_one_shot(in_rate: int, out_rate: int,
 
 
 @pytest.mark.parametrize("in_rate", RATES)
-def test_soxr_qualities_are_still_available_and_equal_a_one_shot_soxr_resample(in_rate: int) -> None:
+def test_soxr_qualities_are_still_available_and_equal_a_one_shot_soxr_resample(
+    in_rate: int,
+) -> None:
     # soxr compensates its filter's phase delay, so streaming output lines up sample for sample with
     # a one-shot resample of the whole signal: no edge needs to be skipped.
     rng = np.random.default_rng(in_rate)
     x = (0.3 * rng.standard_normal(in_rate // 2)).astype(np.float32)
     expected = soxr.resample(x, in_rate, SAMPLE_RATE, quality=RESAMPLE_QUALITY)
-    got = _stream(StreamResampler(in_rate, SAMPLE_RATE, quality=RESAMPLE_QUALITY), _random_frames(x, rng, 480))
+    got = _stream(
+        StreamResampler(in_rate, SAMPLE_RATE, quality=RESAMPLE_QUALITY), _random_frames(x, rng, 480)
+    )
     np.testing.assert_allclose(got, expected, atol=1e-6)
 
 
@@ -103,7 +113,9 @@ def test_delay_samples_counts_exactly_the_held_back_output(in_rate: int, quality
 
 
 @pytest.mark.parametrize("in_rate,out_rate", PAIRS)
-def test_the_held_back_output_is_the_constant_filter_delay_whatever_the_frames(in_rate: int, out_rate: int) -> None:
+def test_the_held_back_output_is_the_constant_filter_delay_whatever_the_frames(
+    in_rate: int, out_rate: int
+) -> None:
     # soxr held back 6-115 ms, varying from frame to frame; this holds back the filter's delay, a
     # few ms, less under one sample: output k is released once input delay_s past it has arrived.
     delay = design(in_rate, out_rate).delay_samples  # in output samples
@@ -142,15 +154,20 @@ def test_passband_sines_come_out_as_the_ideal_resampled_sine(in_rate: int, out_r
 @pytest.mark.parametrize("in_rate,out_rate", [p for p in PAIRS if p[1] < p[0]])
 def test_tones_above_the_output_nyquist_are_rejected_by_60_db(in_rate: int, out_rate: int) -> None:
     nyquist = out_rate / 2
-    for freq in np.linspace(nyquist, in_rate / 2, 12)[1:-1]:  # from just above it to the input's own
+    # from just above it to the input's own
+    for freq in np.linspace(nyquist, in_rate / 2, 12)[1:-1]:
         y = _one_shot(in_rate, out_rate, _sine(float(freq), in_rate, 0.3, 0.5))
-        assert _level_db(y[out_rate // 50 : -out_rate // 50], 0.5 / np.sqrt(2)) <= -60, f"{freq:.0f} Hz"
+        assert _level_db(y[out_rate // 50 : -out_rate // 50], 0.5 / np.sqrt(2)) <= -60, (
+            f"{freq:.0f} Hz"
+        )
 
 
 @pytest.mark.parametrize("in_rate,out_rate", [p for p in PAIRS if p[1] > p[0]])
 def test_upsampling_leaves_no_image_above_the_input_nyquist(in_rate: int, out_rate: int) -> None:
     for freq in (440.0, 0.5 * in_rate / 2, PASSBAND * in_rate / 2):
-        y = _one_shot(in_rate, out_rate, _sine(freq, in_rate, 1.0, 0.5))[out_rate // 10 : -out_rate // 10]
+        y = _one_shot(in_rate, out_rate, _sine(freq, in_rate, 1.0, 0.5))[
+            out_rate // 10 : -out_rate // 10
+        ]
         spectrum = np.abs(np.fft.rfft(y * np.hanning(y.shape[0])))
         bins = np.fft.rfftfreq(y.shape[0], 1 / out_rate)
         images = spectrum[bins > in_rate / 2].max()
@@ -169,7 +186,10 @@ def test_48k_stereo_10ms_frames_cost_well_under_a_tenth_of_a_millisecond() -> No
     # BLAS that spun up threads would show here too; the bound is loose for shared CI machines.
     x = (0.1 * np.random.default_rng(6).standard_normal((48000, 2))).astype(np.float32)
     frames = np.split(x, 100)
-    for in_rate, out_rate, fs in ((48000, SAMPLE_RATE, frames), (SAMPLE_RATE, 48000, [f[:160] for f in frames])):
+    for in_rate, out_rate, fs in (
+        (48000, SAMPLE_RATE, frames),
+        (SAMPLE_RATE, 48000, [f[:160] for f in frames]),
+    ):
         r = StreamResampler(in_rate, out_rate, channels=2)
         start = time.process_time()
         for f in fs:
@@ -191,7 +211,9 @@ def test_440hz_sine_in_10ms_frames_comes_out_continuous_and_in_phase(in_rate: in
     amp = 0.5
     x = _sine(440.0, in_rate, 2.0, amp)
     steps = StepInput(in_rate)
-    out = np.concatenate([b for f in np.array_split(x, len(x) // (in_rate // 100)) for b in steps.push(f)])
+    out = np.concatenate(
+        [b for f in np.array_split(x, len(x) // (in_rate // 100)) for b in steps.push(f)]
+    )
     assert out.shape[0] >= SAMPLES_PER_STEP * 15
     settled = out[200:-200]  # skip the onset (the sine starts abruptly) and the last, padded edge
     # A continuous sine never jumps more than 2 A sin(pi f / fs) from one sample to the next.
@@ -312,7 +334,9 @@ def test_step_input_nan_raises_and_leaves_the_stream_intact() -> None:
 
 def test_step_input_follows_a_rate_change() -> None:
     steps = StepInput(48000)
-    got = steps.push(_sine(300.0, 48000, 0.5)) + steps.push(_sine(300.0, 8000, 0.5), sample_rate=8000)
+    got = steps.push(_sine(300.0, 48000, 0.5)) + steps.push(
+        _sine(300.0, 8000, 0.5), sample_rate=8000
+    )
     got += steps.flush()
     assert steps.sample_rate == 8000
     # 0.5 s at each rate is 1 s at 16 kHz: 8 steps, nothing lost or duplicated at the switch.

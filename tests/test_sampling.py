@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from hertz_agents.sampling import SamplingSettings, SamplingTensors, filter_logits, sample_latent, sample_token
+from hertz_agents.sampling import (
+    SamplingSettings,
+    SamplingTensors,
+    filter_logits,
+    sample_latent,
+    sample_token,
+)
 
 
 def _tensors(*settings: SamplingSettings) -> SamplingTensors:
@@ -48,7 +54,9 @@ def test_rows_with_their_own_generators_are_reproducible_and_independent():
 
     first, again, other_b = draw(1, 2), draw(1, 2), draw(1, 3)
     assert all(torch.equal(a, b) for a, b in zip(first, again))
-    assert all(a[0] == b[0] for a, b in zip(first, other_b))  # row 0 does not depend on row 1's seed
+    assert all(
+        a[0] == b[0] for a, b in zip(first, other_b)
+    )  # row 0 does not depend on row 1's seed
 
 
 def test_latent_sampling_picks_a_component_and_scales_noise_by_the_gaussian_temperature():

@@ -1,4 +1,5 @@
-"""DuplexSession: any input format in, audio at the asked rate out, live settings, recording, stalls."""
+"""DuplexSession: any input format in, audio at the asked rate out, live settings, recording,
+stalls, early audio, opening errors."""
 
 from __future__ import annotations
 
@@ -17,7 +18,9 @@ from hertz_agents.timing import SAMPLE_RATE, SAMPLES_PER_STEP, STEP_SECONDS
 
 @pytest.fixture(scope="module")
 def engine(tiny_model_dir):
-    eng = Engine(load_model(tiny_model_dir, device="cpu"), max_sessions=3, context=256, stall_timeout=0.25)
+    eng = Engine(
+        load_model(tiny_model_dir, device="cpu"), max_sessions=3, context=256, stall_timeout=0.25
+    )
     yield eng
     eng.close()
 
@@ -132,8 +135,10 @@ async def test_cancelling_open_gives_the_slot_back(engine, tmp_path):
 
 
 async def test_a_reader_is_woken_when_the_engine_ends_the_session(tiny_model_dir):
-    """The backend ending a session (engine closed, server gone) reaches a waiting reader with the reason."""
-    eng = Engine(load_model(tiny_model_dir, device="cpu"), max_sessions=1, context=64, stall_timeout=30)
+    """The backend ending a session (engine closed, server gone) reaches a waiting reader."""
+    eng = Engine(
+        load_model(tiny_model_dir, device="cpu"), max_sessions=1, context=64, stall_timeout=30
+    )
     session = await DuplexSession.open(eng)
     reader = asyncio.ensure_future(session.read())
     await asyncio.sleep(0.05)
@@ -141,3 +146,175 @@ async def test_a_reader_is_woken_when_the_engine_ends_the_session(tiny_model_dir
     with pytest.raises(SessionClosed, match="engine was closed"):
         await asyncio.wait_for(reader, 10)
     assert session.closed
+
+
+async def test_a_session_created_at_once_keeps_early_audio_and_pairs_outputs_by_number(engine):
+    """Audio pushed before the slot opens is fed once it opens; each output names its input."""
+    session = DuplexSession(engine, seed=5)  # no await: the slot opens in the background
+    assert not session.is_open
+    seqs = session.push_audio_nowait(_tone(1.0, SAMPLE_RATE), SAMPLE_RATE)
+    assert seqs == list(range(8))
+    await session.wait_open()
+    chunks = await _read(session, 8)
+    await session.close()
+    assert [c.input_seq for c in chunks] == list(range(8))
+    assert not any(c.silence_input for c in chunks)
+    assert session.metrics.dropped_input_steps == 0
+
+
+async def test_early_audio_of_a_slow_open_is_fed_without_silence_between_its_steps(
+    engine, monkeypatch
+):
+    """A second of audio waits a second for the slot: fed then, none of it counts as a stall."""
+    import time
+
+    real_open = engine.open
+
+    def late_open(*args, **kwargs):  # the real open, late (a prompt's prefill, a busy engine)
+        time.sleep(1.0)
+        return real_open(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "open", late_open)
+    session = DuplexSession(engine, seed=5)
+    pushed = time.monotonic()
+    assert session.push_audio_nowait(_tone(1.0, SAMPLE_RATE), SAMPLE_RATE) == list(range(8))
+    await session.wait_open()
+    chunks = await _read(session, 8)
+    await session.close()
+    assert [c.input_seq for c in chunks] == list(range(8)), "silence was fed between early steps"
+    assert session.metrics.dropped_input_steps == 0
+    # each chunk says when its caller step was complete: before the slot opened
+    assert all(c.input_complete <= pushed + 0.1 for c in chunks)
+
+
+async def test_early_audio_is_bounded_and_what_is_dropped_is_counted(engine):
+    session = DuplexSession(engine, seed=6, max_early_steps=3)
+    session.push_audio_nowait(_tone(1.0, SAMPLE_RATE), SAMPLE_RATE)  # 8 steps, 3 kept
+    assert session.metrics.dropped_input_steps == 5
+    await session.wait_open()
+    chunks = await _read(session, 3)
+    await session.close()
+    assert [c.input_seq for c in chunks] == [5, 6, 7]
+    assert session.metrics.dropped_input_steps == 5
+
+
+async def test_wait_open_raises_why_the_slot_could_not_open_and_readers_hear_it(engine):
+    from hertz_agents.errors import EngineFull
+
+    held = [
+        await DuplexSession.open(engine)
+        for _ in range(engine.max_sessions - engine.active_sessions)
+    ]
+    try:
+        session = DuplexSession(engine)
+        session.push_audio_nowait(_tone(0.25, SAMPLE_RATE), SAMPLE_RATE)
+        with pytest.raises(EngineFull, match="session slots"):
+            await session.wait_open()
+        with pytest.raises(EngineFull):
+            await asyncio.wait_for(session.read(), 10)
+        assert session.closed
+        with pytest.raises(EngineFull):
+            await DuplexSession.open(engine)
+    finally:
+        for s in held:
+            await s.close()
+
+
+async def test_an_unknown_model_is_reported_by_wait_open():
+    from hertz_agents.errors import ModelNotFound
+
+    session = DuplexSession("no-such-model-anywhere")
+    with pytest.raises(ModelNotFound):
+        await session.wait_open()
+
+
+async def test_closing_before_the_slot_opens_gives_it_back(engine):
+    before = engine.active_sessions
+    session = DuplexSession(engine)
+    await session.close()
+    with pytest.raises(SessionClosed):
+        await session.wait_open()
+    for _ in range(200):
+        if engine.active_sessions == before:
+            break
+        await asyncio.sleep(0.05)
+    assert engine.active_sessions == before
+
+
+async def test_close_returns_once_a_slot_still_being_opened_is_given_back(engine, monkeypatch):
+    import time
+
+    real_open, taken = engine.open, []
+
+    def slow_open(*args, **kwargs):  # the real open, late (a prompt's prefill, a busy engine)
+        time.sleep(0.3)
+        taken.append(real_open(*args, **kwargs))
+        return taken[-1]
+
+    monkeypatch.setattr(engine, "open", slow_open)
+    before = engine.active_sessions
+    session = DuplexSession(engine)
+    await asyncio.sleep(0.05)  # the open is under way on its thread
+    await session.close()
+    assert len(taken) == 1 and taken[0].closed, "close returned before the slot arrived"
+    assert engine.active_sessions == before
+
+
+async def test_outputs_name_their_inputs_and_steps_the_engine_dropped_are_counted(tiny_model_dir):
+    """Compute falls behind (a stalled tick): the engine drops the oldest queued steps; every
+    output still names the caller step it answers, and the numbers missing are the drops."""
+    eng = Engine(
+        load_model(tiny_model_dir, device="cpu"),
+        max_sessions=1,
+        context=256,
+        stall_timeout=30,
+        max_input_backlog=2,
+    )
+    try:
+        session = await DuplexSession.open(eng, seed=7)
+        eng.inject_stall(0.6)  # the next tick takes 0.6 s longer: input piles up behind it
+        sent = session.push_audio_nowait(_tone(STEP_SECONDS, SAMPLE_RATE), SAMPLE_RATE)
+        await asyncio.sleep(0.2)  # the stalled tick has taken step 0
+        sent += session.push_audio_nowait(_tone(6 * STEP_SECONDS, SAMPLE_RATE), SAMPLE_RATE)
+        assert sent == list(range(7))
+        answered = []
+        while len(answered) + session.metrics.dropped_input_steps < len(sent):
+            chunk = await asyncio.wait_for(session.read(), 30)
+            if not chunk.silence_input:
+                answered.append(chunk.input_seq)
+        await session.close()
+        dropped = session.metrics.dropped_input_steps
+        assert dropped > 0  # the backlog bound (2) really dropped steps
+        assert answered == sorted(answered) and len(set(answered)) == len(answered)
+        assert answered[0] == 0 and answered[-1] == 6  # the newest are kept
+        assert len(answered) + dropped == len(sent)
+    finally:
+        eng.close()
+
+
+async def test_the_recording_and_output_resampling_run_on_the_event_loop(engine, tmp_path):
+    """The engine's thread does no per-session work: it hands each step to the loop."""
+    import threading
+
+    from hertz_agents.recording import CallRecorder
+
+    threads: list[threading.Thread] = []
+
+    class SpyRecorder(CallRecorder):
+        def write(self, caller, model) -> None:
+            threads.append(threading.current_thread())
+            super().write(caller, model)
+
+    session = await DuplexSession.open(engine, output_sample_rate=24000, seed=8)
+    session._recorder = SpyRecorder(tmp_path / "call.wav")  # a spy on the one writer
+    session.push_audio_nowait(_tone(0.5, SAMPLE_RATE), SAMPLE_RATE)
+    await _read(session, 4)
+    await session.close()
+    assert len(threads) >= 4 and set(threads) == {threading.current_thread()}
+
+
+def test_creating_a_session_outside_an_event_loop_says_where_to_create_it(engine):
+    before = engine.active_sessions
+    with pytest.raises(RuntimeError, match="event loop runs"):
+        DuplexSession(engine)
+    assert engine.active_sessions == before

@@ -36,3 +36,26 @@ def write_official_dir(directory: Path, split: bool = True, variant: str | None 
     config = {"split": split, "codec": codec_meta["config"], **blocks}
     (directory / "config.json").write_text(json.dumps(config))
     return directory
+
+
+def write_codec_only_dir(directory: Path, config: str = "block") -> Path:
+    """Only the official codec file (the original code's tiny codec, unused keys included).
+
+    ``config``: ``"block"`` writes ``{"codec": {...}}``, ``"bare"`` the codec fields alone,
+    ``"full"`` a whole model's config.json (codec and AR blocks), ``"none"`` no config.json.
+    """
+    meta, tensors = load_reference("codec_tiny_a")
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.clone() for k, v in weights(tensors).items()}
+    torch.save(state, directory / VARIANTS["hertz-dev"].file("codec").name)
+    codec = meta["config"]
+    if config == "block":
+        (directory / "config.json").write_text(json.dumps({"codec": codec}))
+    elif config == "bare":
+        (directory / "config.json").write_text(json.dumps(codec))
+    elif config == "full":
+        ar_meta, _ = load_reference("ar_split_tiny_a")
+        blocks = {k: ar_meta["config"][k] for k in ("ar", "resynthesizer", "quantizer")}
+        full = {"split": True, "codec": codec, **blocks}
+        (directory / "config.json").write_text(json.dumps(full))
+    return directory

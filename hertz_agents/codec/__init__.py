@@ -1,1 +1,1 @@
-"""hertz_agents.codec"""
+"""The streaming audio codec: waveforms to latents and back."""

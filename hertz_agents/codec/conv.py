@@ -24,30 +24,43 @@ class StreamCursor:
         self.new_states: list[Tensor] = []
 
     def take(self) -> Tensor:
+        """Return the next layer's state from the list."""
         state = self._states[self._next]
         self._next += 1
         return state
 
     def give(self, state: Tensor) -> None:
+        """Record ``state`` as the next layer's new state."""
         self.new_states.append(state)
 
 
 class CausalConv1d(nn.Module):
     """Conv1d with ``(kernel - 1) * dilation`` zeros of left padding (official key: ``.conv``)."""
 
-    def __init__(self, cin: int, cout: int, kernel: int, stride: int = 1, dilation: int = 1, bias: bool = True):
+    def __init__(
+        self,
+        cin: int,
+        cout: int,
+        kernel: int,
+        stride: int = 1,
+        dilation: int = 1,
+        bias: bool = True,
+    ):
         super().__init__()
         self.conv = nn.Conv1d(cin, cout, kernel, stride=stride, dilation=dilation, bias=bias)
         self.history = (kernel - 1) * dilation
 
     def forward(self, x: Tensor) -> Tensor:
+        """Convolve the whole signal ``x`` [B, cin, T] with causal left padding."""
         return self.conv(F.pad(x, (self.history, 0)))
 
     def initial_state(self, batch: int, device, dtype) -> Tensor:
+        """Return zeros [batch, cin, history]: the state before any input, equal to the padding."""
         # Zeros: exactly the one-pass left padding.
         return torch.zeros(batch, self.conv.in_channels, self.history, device=device, dtype=dtype)
 
     def stream(self, x: Tensor, cursor: StreamCursor) -> Tensor:
+        """Convolve the new chunk ``x`` after the history held in ``cursor``; keep its new tail."""
         padded = torch.cat((cursor.take(), x), dim=-1)
         cursor.give(padded[..., padded.shape[-1] - self.history :])
         return self.conv(padded)
@@ -69,13 +82,18 @@ class CausalConvTranspose1d(nn.Module):
         return y[..., self.stride : y.shape[-1] - self.stride]
 
     def forward(self, x: Tensor) -> Tensor:
+        """Upsample the whole signal ``x`` [B, cin, T], left-padded with its first frame."""
         return self._trim(self.deconv(torch.cat((x[..., :1], x), dim=-1)))
 
     def initial_state(self, batch: int, device, dtype) -> Tensor:
+        """Return the "no frame yet" state [batch, cin, 1], filled with NaN."""
         # NaN marks "no frame yet": the first chunk replaces it with its own first frame.
-        return torch.full((batch, self.deconv.in_channels, 1), float("nan"), device=device, dtype=dtype)
+        return torch.full(
+            (batch, self.deconv.in_channels, 1), float("nan"), device=device, dtype=dtype
+        )
 
     def stream(self, x: Tensor, cursor: StreamCursor) -> Tensor:
+        """Upsample the new chunk ``x`` after the previous chunk's last frame held in ``cursor``."""
         previous = cursor.take()
         previous = torch.where(torch.isnan(previous), x[..., :1], previous)
         cursor.give(x[..., -1:])

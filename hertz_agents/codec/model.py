@@ -14,13 +14,26 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from hertz_agents.codec.conv import CausalConv1d, CausalConvTranspose1d, StreamCursor, stateful_layers
+from hertz_agents.codec.conv import (
+    CausalConv1d,
+    CausalConvTranspose1d,
+    StreamCursor,
+    stateful_layers,
+)
 from hertz_agents.config import CodecConfig
 
 DILATIONS = (1, 3, 9)
 
 
 class ResidualUnit(nn.Module):
+    """A dilated causal conv and a 1x1 conv, each after an ELU, added back to the input.
+
+    Args:
+        channels: Input and output width.
+        kernel: Kernel size of the dilated conv.
+        dilation: Dilation of the dilated conv.
+    """
+
     def __init__(self, channels: int, kernel: int, dilation: int) -> None:
         super().__init__()
         self.activation = nn.ELU()
@@ -28,9 +41,11 @@ class ResidualUnit(nn.Module):
         self.conv2 = nn.Conv1d(channels, channels, 1, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
+        """Apply the unit to the whole signal ``x`` [B, channels, T]."""
         return x + self.conv2(self.activation(self.conv1(self.activation(x))))
 
     def stream(self, x: Tensor, cursor: StreamCursor) -> Tensor:
+        """Apply the unit to a new chunk ``x``, its conv state taken from/given to ``cursor``."""
         return x + self.conv2(self.activation(self.conv1.stream(self.activation(x), cursor)))
 
 
@@ -56,15 +71,25 @@ class ResNetBlock(nn.Module):
             self.res_block = nn.Sequential(*resample, *units)
 
     def forward(self, x: Tensor) -> Tensor:
+        """Apply the block to the whole signal ``x`` [B, cin, T]."""
         return self.res_block(x)
 
     def stream(self, x: Tensor, cursor: StreamCursor) -> Tensor:
+        """Apply the block to a new chunk ``x``, streaming the layers that have state."""
         for layer in self.res_block:
             x = layer.stream(x, cursor) if hasattr(layer, "stream") else layer(x)
         return x
 
 
 class ResNetStack(nn.Module):
+    """The encoder or decoder: a stem conv and one :class:`ResNetBlock` per stride.
+
+    Args:
+        c: The codec's sizes.
+        mode: ``"encoder"`` (audio to features) or ``"decoder"`` (features to audio, blocks in
+            reverse order, after a 1x1 channel multiplier).
+    """
+
     def __init__(self, c: CodecConfig, mode: str) -> None:
         super().__init__()
         ratios = (1,) + tuple(c.channel_ratios)
@@ -73,21 +98,30 @@ class ResNetStack(nn.Module):
         if mode == "decoder":
             ratios, strides = ratios[::-1], strides[::-1]
         widths = [c.encode_channels * r * multiplier for r in ratios]
-        blocks = [ResNetBlock(widths[i], widths[i + 1], s, c.kernel_size, mode) for i, s in enumerate(strides)]
+        blocks = [
+            ResNetBlock(widths[i], widths[i + 1], s, c.kernel_size, mode)
+            for i, s in enumerate(strides)
+        ]
         if mode == "encoder":
-            self.res_stack = nn.Sequential(CausalConv1d(1, c.encode_channels, c.kernel_size, bias=False), *blocks)
+            self.res_stack = nn.Sequential(
+                CausalConv1d(1, c.encode_channels, c.kernel_size, bias=False), *blocks
+            )
         else:
             middle = c.encode_channels * c.channel_ratios[-1]
             self.multiplier_proj = nn.Conv1d(middle, middle * multiplier, 1)
-            self.res_stack = nn.Sequential(*blocks, CausalConv1d(widths[-1], 1, c.kernel_size, bias=False))
+            self.res_stack = nn.Sequential(
+                *blocks, CausalConv1d(widths[-1], 1, c.kernel_size, bias=False)
+            )
         self.mode = mode
 
     def forward(self, x: Tensor) -> Tensor:
+        """Run the stack over the whole signal ``x``."""
         if self.mode == "decoder":
             x = self.multiplier_proj(x)
         return self.res_stack(x)
 
     def stream(self, x: Tensor, cursor: StreamCursor) -> Tensor:
+        """Run the stack over a new chunk ``x``, layer state taken from/given to ``cursor``."""
         if self.mode == "decoder":
             x = self.multiplier_proj(x)
         for layer in self.res_stack:
@@ -111,7 +145,9 @@ class WaveCodec(nn.Module):
         super().__init__()
         self.config = config
         self.encoder = ResNetStack(config, "encoder")
-        self.compressor = GaussianPosterior(config.encode_channels * config.channel_ratios[-1], config.latent_dim)
+        self.compressor = GaussianPosterior(
+            config.encode_channels * config.channel_ratios[-1], config.latent_dim
+        )
         self.decoder = ResNetStack(config, "decoder")
 
     # -- one pass -------------------------------------------------------------------------
@@ -121,7 +157,16 @@ class WaveCodec(nn.Module):
         mu, logvar = self.compressor.proj_in(features).chunk(2, dim=-1)
         return mu, logvar
 
-    def encode(self, audio: Tensor, sample: bool = False, generator: torch.Generator | None = None) -> Tensor:
+    def encode(
+        self, audio: Tensor, sample: bool = False, generator: torch.Generator | None = None
+    ) -> Tensor:
+        """Encode audio [B, 1, N] to latents [B, N / hop, 32]: the posterior mean, or a sample.
+
+        Args:
+            audio: The audio to encode.
+            sample: Draw from the posterior instead of returning its mean.
+            generator: Random generator for the sample.
+        """
         mu, logvar = self.posterior(audio)
         if not sample:
             return mu
@@ -135,9 +180,11 @@ class WaveCodec(nn.Module):
 
     # -- streaming ------------------------------------------------------------------------
     def initial_encoder_state(self, batch: int, device=None, dtype=None) -> list[Tensor]:
+        """Return the encoder's streaming state before any audio, one row per batch item."""
         return _initial_state(self.encoder, batch, device, dtype)
 
     def initial_decoder_state(self, batch: int, device=None, dtype=None) -> list[Tensor]:
+        """Return the decoder's streaming state before any latents, one row per batch item."""
         return _initial_state(self.decoder, batch, device, dtype)
 
     def encode_step(self, audio: Tensor, state: list[Tensor]) -> tuple[Tensor, list[Tensor]]:

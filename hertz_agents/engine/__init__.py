@@ -1,18 +1,31 @@
-"""The streaming engine: batched, constant-work 125 ms steps for many conversations."""
+"""The streaming engine: batched, constant-work 125 ms steps for many conversations.
+
+``load_engine`` here loads local weights only; ``hertz_agents.load_engine`` (the resolver in
+``hertz_agents.resolve``) also takes ``hertz://`` URLs.
+"""
 
 from __future__ import annotations
 
 import os
 import threading
+from typing import Any
 
 import torch
 
-from hertz_agents.engine.engine import Engine, SlotHandle, StepInfo
+from hertz_agents.backend import StepInfo, is_remote_url
+from hertz_agents.engine.engine import Engine, SlotHandle
 from hertz_agents.engine.quiet import measure_quiet_level
 
-__all__ = ["Engine", "SlotHandle", "StepInfo", "load_engine", "loaded_engines", "measure_quiet_level"]
+__all__ = [
+    "Engine",
+    "SlotHandle",
+    "StepInfo",
+    "load_engine",
+    "loaded_engines",
+    "measure_quiet_level",
+]
 
-_engines: dict[tuple, Engine] = {}
+_engines: dict[tuple[str, str, str], Engine] = {}
 _engines_lock = threading.Lock()
 
 
@@ -21,7 +34,7 @@ def load_engine(
     *,
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
-    **engine_options,
+    **engine_options: Any,
 ) -> Engine:
     """The process's engine for ``model``, loading the weights on first use (blocking).
 
@@ -31,6 +44,11 @@ def load_engine(
     """
     from hertz_agents.checkpoint import load_model, resolve_device, resolve_model_dir
 
+    if is_remote_url(model):
+        raise ValueError(
+            f"{model!r} is a hertz server, not local weights; use "
+            "hertz_agents.load_engine(url) or pass the URL as model="
+        )
     directory, _ = resolve_model_dir(model)
     dev, dt = resolve_device(device, dtype)
     key = (str(directory.resolve()), str(dev), str(dt))
@@ -43,5 +61,6 @@ def load_engine(
 
 
 def loaded_engines() -> list[Engine]:
+    """Every engine this process has loaded with :func:`load_engine`."""
     with _engines_lock:
         return list(_engines.values())

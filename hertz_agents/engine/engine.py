@@ -17,6 +17,7 @@ never waits on the model. Timing policy (see docs/engine.md):
 from __future__ import annotations
 
 import atexit
+import itertools
 import logging
 import threading
 import time
@@ -29,34 +30,25 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hertz_agents.engine.prompt import PromptPrefill, build_prefill, load_prompt_audio, silence_latent
-from hertz_agents.engine.slots import SlotTable
+from hertz_agents.backend import ClosedCallback, OutputCallback, StepInfo
+from hertz_agents.engine.prompt import (
+    PromptPrefill,
+    build_prefill,
+    load_prompt_audio,
+    silence_latent,
+)
 from hertz_agents.engine.stepper import Stepper
 from hertz_agents.errors import EngineFull, SessionClosed
 from hertz_agents.metrics import SessionMetrics
 from hertz_agents.model.hertz import HertzModel
-from hertz_agents.sampling import SamplingSettings, SamplingTensors
+from hertz_agents.model.quantize import quantize_weights
+from hertz_agents.sampling import SamplingSettings
 from hertz_agents.timing import SAMPLES_PER_STEP, STEP_SECONDS
 
 log = logging.getLogger(__name__)
 
-OutputCallback = Callable[[np.ndarray, "StepInfo"], None]
-ClosedCallback = Callable[[BaseException], None]
-
 PROMPT_CACHE_SIZE = 16
 """Prompt prefills kept per engine (least recently used dropped first)."""
-
-
-@dataclass
-class StepInfo:
-    """What the engine knows about one output step, passed with its audio."""
-
-    step: int
-    silence_input: bool
-    input_audio: np.ndarray | None  # the caller's step that was fed (None: silence was inserted)
-    queue_ms: float
-    compute_ms: float
-    input_complete: float  # monotonic time the input step was complete
 
 
 @dataclass
@@ -76,41 +68,43 @@ class SlotHandle:
     position: int = 0  # host mirror of the slot's position, so the tick needs no device sync
     closed: bool = False
     opened_at: float = field(default_factory=time.monotonic)
+    input_seq: int | None = None  # the sequence number of the step being fed (None: silence)
+    _seqs: itertools.count = field(default_factory=itertools.count)  # next() is atomic
 
-    def submit(self, audio: np.ndarray, complete_at: float | None = None) -> None:
-        """Queue one input step (float32 [2000] at 16 kHz), complete at ``complete_at``."""
+    def submit(self, audio: np.ndarray, complete_at: float | None = None) -> int:
+        """Queue one input step (float32 [2000] at 16 kHz); returns its sequence number."""
         if self.closed:
             raise SessionClosed("this session is closed; open a new one")
         if audio.shape != (SAMPLES_PER_STEP,):
-            raise ValueError(f"an input step is {SAMPLES_PER_STEP} samples, got shape {audio.shape}")
-        self.inbox.append((audio, time.monotonic() if complete_at is None else complete_at))
+            raise ValueError(
+                f"an input step is {SAMPLES_PER_STEP} samples, got shape {audio.shape}"
+            )
+        seq = next(self._seqs)
+        self.inbox.append((audio, time.monotonic() if complete_at is None else complete_at, seq))
         while len(self.inbox) > self.engine.max_input_backlog:
             self.inbox.popleft()
             self.metrics.dropped_input_steps += 1
         self.engine._wake()
+        return seq
 
     def update_sampling(self, sampling: SamplingSettings) -> None:
+        """Set the sampling settings used for this session's next steps."""
         self.sampling = sampling
 
     def close(self) -> None:
+        """Close the session (once) and give its slot back to the engine."""
         if not self.closed:
             self.closed = True
             self.engine._release(self)
 
 
-def compile_transformers(model: HertzModel) -> None:
-    """``torch.compile`` the AR trunk and resynthesizer in place (the engine owns its model).
-
-    A tick's shapes depend only on the number of rows, so each batch size compiles once; on CUDA
-    ``reduce-overhead`` mode captures CUDA graphs. Off by default: compiling takes minutes.
-    """
-    cuda = next(model.parameters()).device.type == "cuda"
-    for module in (model.ar, model.resynthesizer):
-        module.compile(mode="reduce-overhead" if cuda else "default", dynamic=False)
-
-
 class Engine:
-    """Owns a two-channel model and steps up to ``max_sessions`` conversations in batches."""
+    """Owns a two-channel model and steps up to ``max_sessions`` conversations in batches.
+
+    Inference options: ``compile`` compiles the whole tick (``fullgraph=True``; CUDA graphs on
+    CUDA; a string picks the ``torch.compile`` backend); ``weights="int8"`` or ``"fp8"``
+    quantizes the transformers' weights in place; ``kv_dtype=torch.int8`` quantizes the KV caches.
+    """
 
     def __init__(
         self,
@@ -122,23 +116,30 @@ class Engine:
         batch_window: float = 0.010,
         stall_timeout: float = 2 * STEP_SECONDS,
         max_input_backlog: int = 4,
-        compile: bool = False,
+        compile: bool | str = False,
+        weights: str | None = None,
+        kv_dtype: torch.dtype | None = None,
     ) -> None:
         if model.config.codec.hop != SAMPLES_PER_STEP:
-            raise ValueError(f"the codec's hop is {model.config.codec.hop}, the engine needs {SAMPLES_PER_STEP}")
+            raise ValueError(
+                f"the codec's hop is {model.config.codec.hop}, the engine needs {SAMPLES_PER_STEP}"
+            )
+        if not model.config.split:
+            raise ValueError("live duplex sessions need the two-channel model (split=True)")
         self.model = model
-        if compile:
-            compile_transformers(model)
+        if weights is not None:  # the engine owns its model: quantized in place, from outside
+            quantize_weights(model, weights)
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
-        limit = min(model.config.ar.seq_len, model.config.resynthesizer.seq_len)
-        self.context = min(context or limit, limit)
-        self.keep = keep or (self.context * 3) // 4
+        # The stepper owns the step, positions and rollover; ``compile`` compiles its whole tick.
+        self.stepper = Stepper(
+            model, max_sessions, context, keep, kv_dtype=kv_dtype, compile=compile
+        )
+        self.table = self.stepper.table
+        self.context, self.keep = self.stepper.context, self.stepper.keep
         self.max_sessions = max_sessions
         self.batch_window, self.stall_timeout = batch_window, stall_timeout
         self.max_input_backlog = max_input_backlog
-        self.table = SlotTable(model, max_sessions, self.context, self.device, self.dtype)
-        self.stepper = Stepper(model, self.table, self.keep)
         self.silence = silence_latent(model, self.device, self.dtype)
         self._scratch_generator = torch.Generator(device=self.device)
         self._handles: list[SlotHandle | None] = [None] * max_sessions
@@ -160,9 +161,11 @@ class Engine:
     # -- sessions ---------------------------------------------------------------------------
     @property
     def active_sessions(self) -> int:
+        """Number of slots with an open session."""
         return sum(h is not None for h in self._handles)
 
-    def load(self) -> float:
+    @property
+    def occupancy(self) -> float:
         """Share of slots in use, 0..1 (for LiveKit's ``load_fnc`` and the server)."""
         return self.active_sessions / self.max_sessions
 
@@ -172,6 +175,7 @@ class Engine:
         return self._running and self._thread.is_alive()
 
     def bytes_per_session(self) -> int:
+        """Return the memory one session holds (KV caches, history, codec state), in bytes."""
         return self.table.bytes_per_slot()
 
     def open(
@@ -193,10 +197,13 @@ class Engine:
             free = [i for i, h in enumerate(self._handles) if h is None]
             if not free:
                 raise EngineFull(
-                    f"all {self.max_sessions} session slots are in use; close a session, start the engine "
-                    f"with more max_sessions, or send this call to another worker or server"
+                    f"all {self.max_sessions} session slots are in use; close a session, "
+                    f"start the engine with more max_sessions, "
+                    f"or send this call to another worker or server"
                 )
-            handle = SlotHandle(self, free[0], on_output, sampling or SamplingSettings(), generator, on_closed)
+            handle = SlotHandle(
+                self, free[0], on_output, sampling or SamplingSettings(), generator, on_closed
+            )
             self._handles[free[0]] = handle  # reserved; the worker resets the slot before use
         self._call(lambda: self._reset_slot(handle, prefill))
         return handle
@@ -215,7 +222,14 @@ class Engine:
                 self._prompts.move_to_end(key)
         if cached is None:
             audio = load_prompt_audio(prompt, max_steps=self.keep)
-            cached = build_prefill(self.model, audio, self.device, self.dtype)
+            cached = build_prefill(
+                self.model,
+                audio,
+                self.device,
+                self.dtype,
+                self.stepper.channels,
+                self.table.caches.ar.k[0].dtype,
+            )
             with self._lock:
                 self._prompts[key] = cached
                 while len(self._prompts) > PROMPT_CACHE_SIZE:
@@ -223,11 +237,8 @@ class Engine:
         return cached
 
     def _reset_slot(self, handle: SlotHandle, prefill: PromptPrefill | None) -> None:
-        self.table.reset(handle.slot, self.silence)
-        handle.position = 0
-        if prefill is not None:
-            prefill.apply(self.table, handle.slot)
-            handle.position = prefill.steps - 1
+        self.stepper.reset(handle.slot, self.silence, prefill)
+        handle.position = self.stepper.position(handle.slot)
         handle.next_due = time.monotonic() + STEP_SECONDS
 
     def _release(self, handle: SlotHandle) -> None:
@@ -314,7 +325,10 @@ class Engine:
         due = [
             h.next_due
             for h in self._handles
-            if h is not None and not h.closed and id(h) not in waiting and h.next_due <= now + self.batch_window
+            if h is not None
+            and not h.closed
+            and id(h) not in waiting
+            and h.next_due <= now + self.batch_window
         ]
         return min(max(due) - now + 0.001, self.batch_window) if due else 0.0
 
@@ -323,9 +337,10 @@ class Engine:
         picked = []
         for h in ready:
             if h.inbox:
-                audio, complete = h.inbox.popleft()
+                audio, complete, h.input_seq = h.inbox.popleft()
                 picked.append((h, audio, complete))
             else:
+                h.input_seq = None
                 picked.append((h, None, h.next_due))
         return picked
 
@@ -335,28 +350,19 @@ class Engine:
             time.sleep(self._stall_next_tick)
             self._stall_next_tick = 0.0
         rows = max(h.slot for h, _, _ in ready) + 1
-        for h, _, _ in ready:
-            if h.position >= self.context:
-                self.stepper.rollover(h.slot)
-                h.position = self.keep
-                self.rollovers += 1
         audio = np.zeros((rows, SAMPLES_PER_STEP), dtype=np.float32)
         active = torch.zeros(rows, dtype=torch.bool)
-        settings = [SamplingSettings()] * rows
         generators = [self._scratch_generator] * rows
         for h, samples, _ in ready:
             if samples is not None:
                 audio[h.slot] = samples
             active[h.slot] = True
-            settings[h.slot] = h.sampling
             generators[h.slot] = h.generator
+            self.stepper.set_sampling(h.slot, h.sampling)  # writes only when they changed
         out = self.stepper.tick(
-            rows,
-            active.to(self.device),
-            torch.from_numpy(audio).to(self.device),
-            SamplingTensors.from_settings(settings, self.device),
-            generators,
+            rows, active, torch.from_numpy(audio).to(self.device), None, generators
         )
+        self.rollovers = self.stepper.rollovers
         out_np = out.float().cpu().numpy()
         done = time.monotonic()
         compute_ms = (done - start) * 1000
@@ -367,9 +373,10 @@ class Engine:
             # The next step is due one step after this one: after the caller's real step, or on
             # the engine's own clock after an inserted silence.
             h.next_due = (h.next_due if silence else complete) + STEP_SECONDS
-            info = StepInfo(h.steps, silence, samples, max(0.0, (start - complete) * 1000), compute_ms, complete)
+            queue_ms = max(0.0, (start - complete) * 1000)
+            info = StepInfo(h.steps, silence, h.input_seq, queue_ms, compute_ms, complete)
             h.steps += 1
-            h.position += 1
+            h.position = self.stepper.position(h.slot)  # a read-only mirror of the stepper's
             latency_ms = (time.monotonic() - complete) * 1000
             h.metrics.record_step(compute_ms, info.queue_ms, latency_ms, silence)
             if h.metrics.ttfa_ms is None:

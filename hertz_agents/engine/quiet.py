@@ -4,6 +4,9 @@ hertz-dev never outputs exact zeros: while it listens it makes a low noise floor
 differs from model to model. Gates that split the continuous output into speech (the Pipecat and
 LiveKit adapters each have one) set their threshold from this level. It is measured once per
 engine by stepping one slot on silence, and cached.
+
+One name everywhere for this quantity: the *quiet level* (``quiet_level``: linear RMS of the
+16 kHz output, full scale 1.0). Code that takes it as a setting calls it ``quiet_level`` too.
 """
 
 from __future__ import annotations
@@ -12,11 +15,11 @@ import contextlib
 import logging
 import threading
 import weakref
-from typing import Any
 
 import numpy as np
 
 from hertz_agents.audio import rms
+from hertz_agents.backend import Slot, StepInfo
 from hertz_agents.engine.engine import Engine
 from hertz_agents.errors import HertzError
 from hertz_agents.timing import SAMPLES_PER_STEP, STEPS_PER_SECOND
@@ -46,7 +49,7 @@ def _lock_for(engine: Engine) -> threading.Lock:
 
 
 def measure_quiet_level(
-    engine: Any, *, steps: int = QUIET_MEASURE_STEPS, seed: int = 0, timeout: float = 60.0
+    engine: object, *, steps: int = QUIET_MEASURE_STEPS, seed: int = 0, timeout: float = 60.0
 ) -> float | None:
     """RMS of the model's output while it hears silence, measured once per engine (blocking).
 
@@ -85,9 +88,9 @@ def _measure(engine: Engine, steps: int, seed: int, timeout: float) -> float | N
     levels: list[float] = []
     done = threading.Event()
     silence = np.zeros(SAMPLES_PER_STEP, dtype=np.float32)
-    handle: Any = None
+    handle: Slot | None = None
 
-    def on_output(audio: np.ndarray, info: Any) -> None:
+    def on_output(audio: np.ndarray, info: StepInfo) -> None:
         levels.append(rms(audio))
         if len(levels) >= steps:
             done.set()
@@ -110,7 +113,14 @@ def _measure(engine: Engine, steps: int, seed: int, timeout: float) -> float | N
         handle.close()
     heard = levels[:steps]  # the engine may have stepped once more before the close
     if not answered or len(heard) < steps:
-        log.warning("could not measure the model's quiet level: %d of %d steps in %.0f s", len(heard), steps, timeout)
+        log.warning(
+            "could not measure the model's quiet level: %d of %d steps in %.0f s",
+            len(heard),
+            steps,
+            timeout,
+        )
         return None
-    windows = np.lib.stride_tricks.sliding_window_view(np.asarray(heard), QUIET_WINDOW_STEPS)  # [steps - w + 1, w]
+    windows = np.lib.stride_tricks.sliding_window_view(
+        np.asarray(heard), QUIET_WINDOW_STEPS
+    )  # [steps - w + 1, w]
     return float(windows.mean(axis=1).min())

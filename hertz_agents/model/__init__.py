@@ -1,1 +1,1 @@
-"""hertz_agents.model"""
+"""The Hertz model: the autoregressive transformer, the resynthesizer and their parts."""

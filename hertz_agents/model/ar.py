@@ -15,12 +15,21 @@ from hertz_agents.model.layers import Block, Norm, Rotary, default_positions
 
 
 class OutputHead(nn.Module):
+    """A norm and a linear projection from the trunk's width to one channel's logits.
+
+    Args:
+        dim: The trunk's width.
+        vocab_size: Number of FSQ tokens.
+        eps: Epsilon of the norm.
+    """
+
     def __init__(self, dim: int, vocab_size: int, eps: float) -> None:
         super().__init__()
         self.norm = Norm(dim, eps=eps)
         self.output = nn.Linear(dim, vocab_size, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
+        """Project hidden states ``x`` [B, T, dim] to logits [B, T, vocab]."""
         return self.output(self.norm(x))
 
 
@@ -34,7 +43,8 @@ class HertzAR(nn.Module):
         self.rotary = Rotary(c.head_dim, c.seq_len, c.theta)
         self.input = nn.Linear(c.latent_size, c.dim)
         self.layers = nn.ModuleList(
-            Block(c.dim, c.heads, c.n_kv_heads, c.ffn_dim, c.eps, self.rotary) for _ in range(c.layers)
+            Block(c.dim, c.heads, c.n_kv_heads, c.ffn_dim, c.eps, self.rotary)
+            for _ in range(c.layers)
         )
         self.output = OutputHead(c.dim, c.vocab_size, c.eps)
         if split:
@@ -42,18 +52,27 @@ class HertzAR(nn.Module):
             self.output2 = OutputHead(c.dim, c.vocab_size, c.eps)
 
     def new_cache(self, slots: int, max_len: int, device, dtype) -> KVCache:
+        """Allocate a KV cache for ``slots`` conversations of up to ``max_len`` positions."""
         c = self.config
-        return KVCache(c.layers, slots, max_len, c.n_kv_heads, c.head_dim, device=device, dtype=dtype)
+        return KVCache(
+            c.layers, slots, max_len, c.n_kv_heads, c.head_dim, device=device, dtype=dtype
+        )
 
     def forward(
         self,
         latents: Tensor,
         positions: Tensor | None = None,
         cache: KVCache | None = None,
-        rows: int | slice | None = None,
         last_only: bool = False,
+        *,
+        heads: tuple[int, ...] | None = None,
+        length: int | None = None,
     ) -> tuple[Tensor, ...]:
-        """Logits per channel. ``last_only`` projects only the last position (the step case)."""
+        """Logits of the channels in ``heads`` (all when None; ``()`` for none: a prefill).
+
+        ``last_only`` projects only the last position (the step case). ``cache`` is a view of
+        the rows being stepped; attention reads its first ``length`` positions.
+        """
         if self.split:
             first, second = latents.chunk(2, dim=-1)
             x = self.input(first) + self.input2(second)
@@ -62,8 +81,9 @@ class HertzAR(nn.Module):
         if positions is None:
             positions = default_positions(x)
         for i, layer in enumerate(self.layers):
-            x = layer(x, positions, None if cache is None else cache.layer(i, rows))
+            x = layer(x, positions, None if cache is None else cache.layer(i), length)
         if last_only:
             x = x[:, -1:]
-        heads = (self.output, self.output2) if self.split else (self.output,)
-        return tuple(head(x) for head in heads)
+        all_heads = (self.output, self.output2) if self.split else (self.output,)
+        wanted = range(len(all_heads)) if heads is None else heads
+        return tuple(all_heads[h](x) for h in wanted)

@@ -1,11 +1,21 @@
-"""Preallocated key/value caches that know their length.
+"""Preallocated key/value caches, laid out so attention reads the live part without copies.
 
 One :class:`KVCache` holds, for every layer, keys and values of shape
-``[slots, max_len, kv_heads, head_dim]``, allocated once. Each slot is one conversation. Its
-length is the position the engine keeps for it (a device tensor), never found by scanning the
-cache. A forward covers the first ``rows`` slots (a view, never a copy) with per-row
-positions, so sessions at different points of their calls share one batched forward; keys
-beyond a row's position are masked out, so stale entries of a reused slot are never read.
+``[channels, slots, kv_heads, max_len, head_dim]``, allocated once. Each slot is one
+conversation; ``channels`` is 1 except for the resynthesizer's per-channel layers. Channels come
+first so that one channel of the stepped rows is a contiguous view (it rounds exactly as when it
+runs alone); all channels of all slots are one batch without a copy. Heads come before
+positions so that ``k[..., :length, :]`` (the live part of the cache) is a strided view that
+attention kernels (SDPA, FlashAttention's kv-cache path) read directly: no transposed copy of
+the cache per step.
+
+The networks never see slot numbers: whoever owns the slots hands them a view
+(:meth:`KVCache.rows`) of the rows being stepped, and the length of the context that is live
+(:class:`LayerCache` ``length``), a static number so each length bucket is one compiled shape.
+
+``dtype=torch.int8`` stores keys and values as int8 with one float scale per (head, position)
+(symmetric, absmax): a quarter of float32's bytes, half of bfloat16's. The live slice is
+dequantized on read (one copy of the live part, not of the whole cache).
 """
 
 from __future__ import annotations
@@ -13,24 +23,49 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+INT8_MAX = 127.0
+
 
 class LayerCache:
-    """View of one layer's cache restricted to the rows being stepped."""
+    """One layer's keys and values for the rows being stepped: ``[B, kv_heads, L, head_dim]``."""
 
-    def __init__(self, k: Tensor, v: Tensor, rows: int | slice | None) -> None:
-        view = slice(None) if rows is None else (slice(0, rows) if isinstance(rows, int) else rows)
-        self.k, self.v = k[view], v[view]
+    def __init__(
+        self, k: Tensor, v: Tensor, k_scale: Tensor | None = None, v_scale: Tensor | None = None
+    ) -> None:
+        self.k, self.v, self.k_scale, self.v_scale = k, v, k_scale, v_scale
 
-    def write(self, k_new: Tensor, v_new: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
-        """Store ``k_new``/``v_new`` [B, T, H, D] at ``positions`` [B, T]; return the rows' caches.
+    @property
+    def max_len(self) -> int:
+        """Positions the cache holds per row."""
+        return self.k.shape[2]
 
-        Returns keys and values [B, max_len, H, D] for the stepped rows.
-        """
-        batch = torch.arange(self.k.shape[0], device=self.k.device)
-        index = (batch[:, None].expand_as(positions), positions)
-        self.k.index_put_(index, k_new.to(self.k.dtype))
-        self.v.index_put_(index, v_new.to(self.v.dtype))
-        return self.k, self.v
+    def write(self, k_new: Tensor, v_new: Tensor, positions: Tensor) -> None:
+        """Store ``k_new``/``v_new`` [B, T, H, D] at each row's ``positions`` [B, T]."""
+        b, t, h, _ = k_new.shape
+        rows = torch.arange(b, device=positions.device)[:, None, None].expand(b, h, t)
+        heads = torch.arange(h, device=positions.device)[None, :, None].expand(b, h, t)
+        pos = positions[:, None, :].expand(b, h, t)
+        index = (rows, heads, pos)
+        for cache, scale, new in ((self.k, self.k_scale, k_new), (self.v, self.v_scale, v_new)):
+            new = new.transpose(1, 2)  # [B, H, T, D]
+            if scale is None:
+                cache.index_put_(index, new.to(cache.dtype))
+            else:
+                step = new.float().abs().amax(dim=-1, keepdim=True).clamp(min=1e-8) / INT8_MAX
+                scale.index_put_(index, step)
+                cache.index_put_(
+                    index, (new.float() / step).round().clamp(-INT8_MAX, INT8_MAX).to(cache.dtype)
+                )
+
+    def read(self, length: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """Keys and values of positions ``0..length-1``: views of the cache when it is not int8."""
+        k, v = self.k[:, :, :length], self.v[:, :, :length]
+        if self.k_scale is None:
+            return k, v
+        return (
+            (k.float() * self.k_scale[:, :, :length]).to(dtype),
+            (v.float() * self.v_scale[:, :, :length]).to(dtype),
+        )
 
 
 class KVCache:
@@ -44,23 +79,57 @@ class KVCache:
         kv_heads: int,
         head_dim: int,
         *,
+        channels: int = 1,
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
     ) -> None:
-        shape = (slots, max_len, kv_heads, head_dim)
+        shape = (channels, slots, kv_heads, max_len, head_dim)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(layers)]
-        self.max_len = max_len
+        self.k_scale: list[Tensor] | None = None
+        self.v_scale: list[Tensor] | None = None
+        if dtype == torch.int8:
+            scale_shape = shape[:-1] + (1,)
+            self.k_scale = [torch.ones(scale_shape, device=device) for _ in range(layers)]
+            self.v_scale = [torch.ones(scale_shape, device=device) for _ in range(layers)]
+        self.max_len, self.channels = max_len, channels
 
-    def layer(self, index: int, rows: int | slice | None = None) -> LayerCache:
-        """Layer ``index``'s cache for the first ``rows`` slots, a slice of slots, or all (None)."""
-        return LayerCache(self.k[index], self.v[index], rows)
+    def tensors(self) -> list[Tensor]:
+        """Every tensor the cache owns (to copy, mark static for CUDA graphs, or count)."""
+        return self.k + self.v + (self.k_scale or []) + (self.v_scale or [])
 
-    def copy_prefix(self, slot: int, source: KVCache, length: int) -> None:
-        """Copy the first ``length`` positions of ``source``'s slot 0 into ``slot`` (prompt reuse)."""
-        for dst, src in zip(self.k + self.v, source.k + source.v):
-            dst[slot, :length].copy_(src[0, :length])
+    def rows(self, count: int, start: int = 0) -> KVCache:
+        """A view of ``count`` slots from ``start`` (no copy): what one batched forward is given."""
+        view = object.__new__(KVCache)
+        end = start + count
+        view.k, view.v = [t[:, start:end] for t in self.k], [t[:, start:end] for t in self.v]
+        view.k_scale = None if self.k_scale is None else [t[:, start:end] for t in self.k_scale]
+        view.v_scale = None if self.v_scale is None else [t[:, start:end] for t in self.v_scale]
+        view.max_len, view.channels = self.max_len, self.channels
+        return view
+
+    def layer(self, index: int, channel: int | None = None) -> LayerCache:
+        """Return layer ``index``: one ``channel`` of each slot, or all channels.
+
+        Rows are channel-major; a view when the rows are all the slots or there is one channel,
+        else a copy.
+        """
+
+        def view(t: Tensor) -> Tensor:
+            if channel is not None:
+                return t[channel]
+            return t[0] if t.shape[0] == 1 else t.reshape(-1, *t.shape[2:])
+
+        scales = (None, None)
+        if self.k_scale is not None and self.v_scale is not None:
+            scales = (view(self.k_scale[index]), view(self.v_scale[index]))
+        return LayerCache(view(self.k[index]), view(self.v[index]), *scales)
+
+    def copy_prefix(self, slot: int, source: KVCache, length: int, source_slot: int = 0) -> None:
+        """Copy positions ``0..length-1`` of ``source``'s ``source_slot`` into ``slot``."""
+        for dst, src in zip(self.tensors(), source.tensors()):
+            dst[:, slot, :, :length].copy_(src[:, source_slot, :, :length])
 
     def nbytes_per_slot(self) -> int:
-        per_layer = self.k[0][0].numel() * self.k[0].element_size() * 2
-        return per_layer * len(self.k)
+        """Return the bytes one slot takes across all layers' keys, values and scales."""
+        return sum(t[:, 0].numel() * t.element_size() for t in self.tensors())

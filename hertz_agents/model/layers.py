@@ -9,8 +9,8 @@ Every block runs in two modes:
   for the parity tests;
 * cached (``cache`` given): the new positions' keys and values are written into a preallocated
   :class:`~hertz_agents.model.kv_cache.LayerCache` at each row's own position, and attention reads
-  the whole fixed-size cache through a mask. Shapes never depend on how far a call has got, so a
-  step can be compiled or CUDA-graphed, and rows (sessions) can sit at different positions.
+  the first ``length`` positions of the cache (the live context, bucketed by the caller so each
+  bucket is one static shape) through a mask. Rows (sessions) can sit at different positions.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ class Norm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
+        """Normalize ``x`` over its last dimension and scale it by the weight."""
         return F.layer_norm(x, (self.weight.shape[0],), weight=self.weight, bias=None, eps=self.eps)
 
 
@@ -43,6 +44,7 @@ class GatedFFN(nn.Module):
         self.down_proj = nn.Linear(hidden, dim, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
+        """Apply the gated feed-forward to ``x`` [..., dim]."""
         gate, up = self.gateup_proj(x).chunk(2, dim=-1)
         return self.down_proj(up * F.silu(gate))
 
@@ -84,8 +86,18 @@ class Attention(nn.Module):
         # Shared, not a child module: it holds no parameters and must not appear in state_dict.
         self._rotary = [rotary]
 
-    def forward(self, x: Tensor, positions: Tensor, cache: LayerCache | None = None) -> Tensor:
-        """``x`` [B, T, dim] at ``positions`` [B, T] -> [B, T, dim]."""
+    def forward(
+        self,
+        x: Tensor,
+        positions: Tensor,
+        cache: LayerCache | None = None,
+        length: int | None = None,
+    ) -> Tensor:
+        """``x`` [B, T, dim] at ``positions`` [B, T] -> [B, T, dim].
+
+        With a cache, attention reads its first ``length`` positions (all when None); every
+        row's positions must be below ``length``.
+        """
         b, t, _ = x.shape
         q_width, kv_width = self.heads * self.head_dim, self.kv_heads * self.head_dim
         q, k, v = self.proj_qkv(x).split((q_width, kv_width, kv_width), dim=-1)
@@ -95,54 +107,89 @@ class Attention(nn.Module):
         rotary = self._rotary[0]
         q, k = rotary(q, positions), rotary(k, positions)
 
+        q = q.transpose(1, 2)  # [B, H, T, D]: the layout SDPA reads
         if cache is None:
-            k_all, v_all, mask, causal = k, v, None, True
+            k_all, v_all, mask, causal = k.transpose(1, 2), v.transpose(1, 2), None, True
         else:
-            k_all, v_all = cache.write(k, v, positions)
+            cache.write(k, v, positions)
+            live = cache.max_len if length is None else length
+            k_all, v_all = cache.read(live, q.dtype)
             # Key j is visible to the query at position p when j <= p (and was written).
-            key_pos = torch.arange(k_all.shape[1], device=x.device)
-            mask = (key_pos[None, None, :] <= positions[:, :, None]).unsqueeze(1)  # [B, 1, T, L]
+            key_pos = torch.arange(live, device=x.device)
+            mask = (key_pos[None, None, :] <= positions[:, :, None]).unsqueeze(1)  # [B, 1, T, live]
             causal = False
-        groups = self.heads // self.kv_heads
-        if groups > 1:
-            k_all = k_all.repeat_interleave(groups, dim=2)
-            v_all = v_all.repeat_interleave(groups, dim=2)
         out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k_all.transpose(1, 2), v_all.transpose(1, 2), attn_mask=mask, is_causal=causal
+            q,
+            k_all,
+            v_all,
+            attn_mask=mask,
+            is_causal=causal,
+            enable_gqa=self.heads != self.kv_heads,
         )
         return self.attn_out(out.transpose(1, 2).reshape(b, t, q_width))
 
 
 class PreNormAttention(nn.Module):
+    """Attention after a norm, added back to the input.
+
+    Args:
+        dim: Model width.
+        heads: Query heads.
+        kv_heads: Key/value heads (fewer for grouped-query attention).
+        eps: Epsilon of the norms.
+        rotary: The shared rotary embedding.
+    """
+
     def __init__(self, dim: int, heads: int, kv_heads: int, eps: float, rotary: Rotary) -> None:
         super().__init__()
         self.attn_norm = Norm(dim, eps=eps)
         self.attn = Attention(dim, heads, kv_heads, eps, rotary)
 
-    def forward(self, x: Tensor, positions: Tensor, cache: LayerCache | None) -> Tensor:
-        return x + self.attn(self.attn_norm(x), positions, cache)
+    def forward(
+        self, x: Tensor, positions: Tensor, cache: LayerCache | None, length: int | None
+    ) -> Tensor:
+        """Return ``x`` plus attention over the normed ``x`` (see :class:`Attention`)."""
+        return x + self.attn(self.attn_norm(x), positions, cache, length)
 
 
 class PreNormFFN(nn.Module):
+    """The gated feed-forward after a norm, added back to the input.
+
+    Args:
+        dim: Model width.
+        hidden: Hidden width of the feed-forward.
+        eps: Epsilon of the norm.
+    """
+
     def __init__(self, dim: int, hidden: int, eps: float) -> None:
         super().__init__()
         self.ffnn_norm = Norm(dim, eps=eps)
         self.ffnn = GatedFFN(dim, hidden)
 
     def forward(self, x: Tensor) -> Tensor:
+        """Return ``x`` plus the feed-forward of the normed ``x``."""
         return x + self.ffnn(self.ffnn_norm(x))
 
 
 class Block(nn.Module):
     """Pre-norm transformer block: attention then gated FFN, each residual."""
 
-    def __init__(self, dim: int, heads: int, kv_heads: int, ff_dim: int, eps: float, rotary: Rotary) -> None:
+    def __init__(
+        self, dim: int, heads: int, kv_heads: int, ff_dim: int, eps: float, rotary: Rotary
+    ) -> None:
         super().__init__()
         self.attn = PreNormAttention(dim, heads, kv_heads, eps, rotary)
         self.ffnn = PreNormFFN(dim, ff_dim, eps)
 
-    def forward(self, x: Tensor, positions: Tensor, cache: LayerCache | None = None) -> Tensor:
-        return self.ffnn(self.attn(x, positions, cache))
+    def forward(
+        self,
+        x: Tensor,
+        positions: Tensor,
+        cache: LayerCache | None = None,
+        length: int | None = None,
+    ) -> Tensor:
+        """Run the block on ``x`` [B, T, dim] at ``positions`` [B, T], reading/writing ``cache``."""
+        return self.ffnn(self.attn(x, positions, cache, length))
 
 
 def default_positions(x: Tensor) -> Tensor:

@@ -22,11 +22,16 @@ class FSQ(nn.Module):
         self.project_in = nn.Linear(dim, len(levels))
         self.project_out = nn.Linear(len(levels), dim)
         # Explicit CPU tensors: real values even when the model is built on the meta device.
-        self.register_buffer("levels", torch.tensor(levels, dtype=torch.int64, device="cpu"), persistent=False)
-        basis = torch.cumprod(torch.tensor((1,) + tuple(levels[:-1]), dtype=torch.int64, device="cpu"), dim=0)
+        self.register_buffer(
+            "levels", torch.tensor(levels, dtype=torch.int64, device="cpu"), persistent=False
+        )
+        basis = torch.cumprod(
+            torch.tensor((1,) + tuple(levels[:-1]), dtype=torch.int64, device="cpu"), dim=0
+        )
         self.register_buffer("basis", basis, persistent=False)
 
     def bound(self, z: Tensor, eps: float = 1e-3) -> Tensor:
+        """Squash ``z`` with tanh into each level range, shifted half a step for even levels."""
         levels = self.levels.to(z.dtype)
         half = (levels - 1) * (1 + eps) / 2
         offset = torch.where(self.levels % 2 == 0, 0.5, 0.0).to(z.dtype)
@@ -40,11 +45,13 @@ class FSQ(nn.Module):
         return rounded / (self.levels // 2).to(z.dtype)
 
     def codes_to_tokens(self, codes: Tensor) -> Tensor:
+        """Return each code vector's token: its level indices combined in mixed radix."""
         half = (self.levels // 2).to(codes.dtype)
         level_index = (codes * half + half).round().long()
         return (level_index * self.basis).sum(dim=-1)
 
     def tokens_to_codes(self, tokens: Tensor) -> Tensor:
+        """Return the normalised codes in [-1, 1] of ``tokens``: :meth:`codes_to_tokens` undone."""
         level_index = (tokens.unsqueeze(-1) // self.basis) % self.levels
         half = self.levels // 2
         return (level_index - half).float() / half
@@ -68,6 +75,7 @@ class LatentQuantizer(nn.Module):
         self.compressor = FSQ(config.dim, config.fsq_levels)
 
     def forward(self, latents: Tensor) -> tuple[Tensor, Tensor]:
+        """``latents`` [..., input_dim] -> (projected code [..., dim], token [...])."""
         return self.compressor(self.ffnn(self.input(latents)))
 
     def embed_tokens(self, tokens: Tensor) -> Tensor:

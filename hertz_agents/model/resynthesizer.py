@@ -9,6 +9,8 @@ separately, with separate caches, and both use the first channel's mixture head 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -23,6 +25,7 @@ GMMParams = tuple[Tensor, Tensor, Tensor]
 
 
 def square_plus(x: Tensor) -> Tensor:
+    """Return the softplus-like ``(x + sqrt(x^2 + 4)) / 2``: positive and smooth."""
     return (x + torch.sqrt(x * x + 4)) / 2
 
 
@@ -45,9 +48,14 @@ class GaussianMixtureIO(LatentInput):
         self.fc_weight = nn.Linear(dim, components)
 
     def mixture(self, h: Tensor) -> GMMParams:
+        """Return the mixture parameters (locs, scales, weight logits) for hidden states ``h``."""
         b, t, _ = h.shape
         locs = self.fc_loc(h).view(b, t, self.components, self.latent_dim)
-        scales = square_plus(self.fc_scale(h)).clamp(min=1e-6).view(b, t, self.components, self.latent_dim)
+        scales = (
+            square_plus(self.fc_scale(h))
+            .clamp(min=1e-6)
+            .view(b, t, self.components, self.latent_dim)
+        )
         return locs, scales, self.fc_weight(h)
 
 
@@ -55,14 +63,18 @@ def gmm_nll(latents: Tensor, params: GMMParams) -> Tensor:
     """Negative log-likelihood of ``latents`` [B, T, Z] under the mixture, per position [B, T]."""
     locs, scales, weights = params
     diff = (latents.unsqueeze(-2) - locs) / scales
-    log_probs = -0.5 * (diff.pow(2) + 2 * scales.log() + torch.log(torch.tensor(2 * torch.pi))).sum(-1)
+    log_probs = -0.5 * (diff.pow(2) + 2 * scales.log() + torch.log(torch.tensor(2 * torch.pi))).sum(
+        -1
+    )
     return -torch.logsumexp(F.log_softmax(weights, dim=-1) + log_probs, dim=-1)
 
 
 class Resynthesizer(nn.Module):
     """Latents [B, T, C*32] and next tokens [B, C] -> one mixture per channel."""
 
-    def __init__(self, config: ResynthesizerConfig, quantizer: QuantizerConfig, split: bool) -> None:
+    def __init__(
+        self, config: ResynthesizerConfig, quantizer: QuantizerConfig, split: bool
+    ) -> None:
         super().__init__()
         self.config, self.split = config, split
         c = config
@@ -79,17 +91,29 @@ class Resynthesizer(nn.Module):
             self.io2 = LatentInput(c.latent_size, c.dim)
             self.plex_projection2 = nn.Linear(quantizer.dim, c.dim)
 
-    @property
-    def cache_layers(self) -> int:
-        """Shared layers once, the layers after injection once per channel."""
-        return self.injection_layer + self.channels * (self.config.layers - self.injection_layer)
+    def new_cache(
+        self, slots: int, max_len: int, device, dtype, channels: tuple[int, ...] | None = None
+    ) -> ResynthesizerCache:
+        """Caches of the shared layers and of the per-channel layers of ``channels`` (default all).
 
-    def new_cache(self, slots: int, max_len: int, device, dtype) -> KVCache:
+        A live engine caches only the model's channel: the caller's per-channel layers feed only
+        the caller's prediction, which a live step does not use.
+        """
         c = self.config
-        return KVCache(self.cache_layers, slots, max_len, c.n_kv_heads, c.head_dim, device=device, dtype=dtype)
+        channels = tuple(range(self.channels)) if channels is None else tuple(channels)
+        after = c.layers - self.injection_layer
+        shape = (max_len, c.n_kv_heads, c.head_dim)
+        return ResynthesizerCache(
+            KVCache(self.injection_layer, slots, *shape, device=device, dtype=dtype),
+            KVCache(after, slots, *shape, channels=len(channels), device=device, dtype=dtype),
+            channels,
+        )
 
     def next_codes(self, channel_latents: Tensor, next_token: Tensor | None) -> Tensor:
         """Quantized code of each position's next latent [B, T, qdim]."""
+        if next_token is not None and channel_latents.shape[1] == 1:
+            # One position (a step): its only code is the next token's; nothing to quantize.
+            return self.quantizer.embed_tokens(next_token.view(-1, 1)).to(channel_latents.dtype)
         codes, _ = self.quantizer(channel_latents)
         codes = torch.roll(codes, -self.plex_roll, dims=1)
         if next_token is not None:
@@ -102,38 +126,118 @@ class Resynthesizer(nn.Module):
         latents: Tensor,
         next_tokens: Tensor | None,
         positions: Tensor | None = None,
-        cache: KVCache | None = None,
-        rows: int | slice | None = None,
+        cache: ResynthesizerCache | None = None,
         last_only: bool = False,
+        *,
+        channels: tuple[int, ...] | None = None,
+        codes: Tensor | None = None,
+        length: int | None = None,
+        batch_channels: bool = True,
     ) -> list[GMMParams]:
-        """``next_tokens`` [B, channels] (or None) -> a mixture per channel."""
+        """``next_tokens`` [B, channels] (or None) -> a mixture per channel in ``channels``.
+
+        ``channels`` defaults to the cache's channels (all without a cache). ``codes``
+        [len(channels), B, T, qdim], when given, replaces the codes computed from the latents and
+        next tokens. The per-channel layers share their weights, so the channels asked for run
+        as one batch of ``B * len(channels)`` rows (``batch_channels=False``: one after the
+        other, as the original does, which rounds each channel exactly as when it runs alone).
+        """
+        if channels is None:
+            channels = cache.channels if cache is not None else tuple(range(self.channels))
+        if cache is not None and tuple(channels) != cache.channels:
+            raise ValueError(f"this cache holds channels {cache.channels}, not {tuple(channels)}")
         channel_latents = latents.chunk(self.channels, dim=-1)
         x = self.io.input_projection(channel_latents[0])
         if self.split:
             x = x + self.io2.input_projection(channel_latents[1])
         if positions is None:
             positions = default_positions(x)
-
-        def layer_cache(index: int):
-            return None if cache is None else cache.layer(index, rows)
-
         for i in range(self.injection_layer):
-            x = self.stack.layers[i](x, positions, layer_cache(i))
+            x = self.stack.layers[i](
+                x, positions, None if cache is None else cache.shared.layer(i), length
+            )
 
-        projections = (self.plex_projection, self.plex_projection2) if self.split else (self.plex_projection,)
-        outputs = []
-        after = self.config.layers - self.injection_layer
-        for ch in range(self.channels):
-            token = None if next_tokens is None else next_tokens[:, ch]
-            h = x + projections[ch](self.next_codes(channel_latents[ch], token))
-            for j in range(after):
-                h = self.stack.layers[self.injection_layer + j](
-                    h, positions, layer_cache(self.injection_layer + ch * after + j)
+        projections = (
+            (self.plex_projection, self.plex_projection2) if self.split else (self.plex_projection,)
+        )
+        per_channel = []
+        for n, ch in enumerate(channels):
+            if codes is not None:
+                code = codes[n]
+            else:
+                code = self.next_codes(
+                    channel_latents[ch], None if next_tokens is None else next_tokens[:, ch]
                 )
-            if last_only:
-                h = h[:, -1:]
-            outputs.append(self.io.mixture(self.out_norm(h)))
-        return outputs
+            per_channel.append(x + projections[ch](code))
+        if not batch_channels:
+            return [
+                self._channel_tail([h], positions, cache, length, last_only, channel=n)[0]
+                for n, h in enumerate(per_channel)
+            ]
+        return self._channel_tail(per_channel, positions, cache, length, last_only)
+
+    def _channel_tail(
+        self,
+        per_channel: list[Tensor],
+        positions: Tensor,
+        cache: ResynthesizerCache | None,
+        length: int | None,
+        last_only: bool,
+        channel: int | None = None,
+    ) -> list[GMMParams]:
+        """Run the per-channel layers and the mixture head for ``per_channel`` inputs as one batch.
+
+        ``channel`` is the cache channel of a single input run alone.
+        """
+        b, t, dim = per_channel[0].shape
+        count = len(per_channel)
+        h = torch.stack(per_channel).view(count * b, t, dim)  # channel-major, as the cache
+        rows_positions = positions.repeat(count, 1) if count > 1 else positions
+        for j in range(self.config.layers - self.injection_layer):
+            layer_cache = None if cache is None else cache.split.layer(j, channel)
+            h = self.stack.layers[self.injection_layer + j](h, rows_positions, layer_cache, length)
+        if last_only:
+            h = h[:, -1:]
+        locs, scales, weights = self.io.mixture(self.out_norm(h))
+        t_out = h.shape[1]
+        return [
+            (
+                locs.view(count, b, t_out, *locs.shape[2:])[n],
+                scales.view(count, b, t_out, *scales.shape[2:])[n],
+                weights.view(count, b, t_out, -1)[n],
+            )
+            for n in range(count)
+        ]
+
+
+@dataclass
+class ResynthesizerCache:
+    """KV caches of the shared layers and of the per-channel layers of ``channels``."""
+
+    shared: KVCache
+    split: KVCache
+    channels: tuple[int, ...]
+
+    def rows(self, count: int, start: int = 0) -> ResynthesizerCache:
+        """Return a view of ``count`` slots from ``start`` of both caches (no copy)."""
+        return ResynthesizerCache(
+            self.shared.rows(count, start), self.split.rows(count, start), self.channels
+        )
+
+    def tensors(self) -> list[Tensor]:
+        """Return every tensor of both caches, shared layers first."""
+        return self.shared.tensors() + self.split.tensors()
+
+    def copy_prefix(
+        self, slot: int, source: ResynthesizerCache, length: int, source_slot: int = 0
+    ) -> None:
+        """Copy positions ``0..length-1`` of ``source_slot`` in ``source`` into ``slot``."""
+        self.shared.copy_prefix(slot, source.shared, length, source_slot)
+        self.split.copy_prefix(slot, source.split, length, source_slot)
+
+    def nbytes_per_slot(self) -> int:
+        """Return the bytes one slot takes in both caches."""
+        return self.shared.nbytes_per_slot() + self.split.nbytes_per_slot()
 
 
 class _Stack(nn.Module):

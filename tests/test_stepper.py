@@ -1,0 +1,164 @@
+"""The stepper: rollover through the shadow cache, the caller-channel skip, live-context buckets."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hertz_agents.benchmark import bench_ticks
+from hertz_agents.checkpoint import load_model
+from hertz_agents.engine.stepper import Stepper, bucket_for, length_buckets
+from hertz_agents.sampling import SamplingSettings
+
+GREEDY = SamplingSettings(token_temp=0, categorical_temp=0, gaussian_temp=0)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dir):
+    return load_model(tiny_model_dir, device="cpu")
+
+
+def _run(
+    stepper: Stepper, steps: int, seed: int = 0, on_step=None, late: int = 0
+) -> list[torch.Tensor]:
+    """Feed random caller latents and the model's own sampled latents back, as a live call does
+    (the codec, identical either way, is left out to keep the test fast on a loaded CPU).
+
+    The last row starts ``late`` steps after the others (so the rows roll over in different
+    ticks)."""
+    rows = stepper.table.slots
+    caller = torch.randn(steps, rows, 1, 32, generator=torch.Generator().manual_seed(seed))
+    everyone = torch.ones(rows, dtype=torch.bool)
+    early = everyone.clone()
+    early[-1] = False
+    gens = [torch.Generator().manual_seed(seed + r) for r in range(rows)]
+    own = torch.zeros(rows, 1, 32)
+    outputs = []
+    for i in range(steps):
+        if on_step is not None:
+            on_step(stepper, i)
+        active = early if i < late else everyone
+        latents, _ = stepper.advance(torch.cat((caller[i], own), dim=-1), active, None, gens)
+        own = latents[:, None, -32:]  # the model's channel is the last one computed
+        outputs.append(own.clone())
+    return outputs
+
+
+@pytest.mark.parametrize("late", [0, 5])
+def test_shadow_rollover_equals_the_one_shot_reprefill(model, late):
+    """Today's rollover re-prefilled the kept window in one forward at the rollover tick; the
+    shadow cache prefills it in slices over the ticks before. The output must be the same, with
+    the rows in phase and with one row 5 steps behind (its slices computed in other ticks)."""
+    context, keep, steps = 24, 16, 44  # rollovers at 24, 32 and 40
+    shadow = Stepper(model, 2, context, keep)
+    inline = Stepper(model, 2, context, keep)
+    for s in (shadow, inline):
+        for slot in range(2):
+            s.set_sampling(slot, GREEDY)
+
+    def reprefill_inline(stepper: Stepper, _step: int) -> None:
+        t = stepper.table
+        for slot in range(2):
+            if stepper.position(slot) == context:  # what the engine did before the shadow cache
+                tokens = torch.zeros(model.channels, dtype=torch.long)
+                tokens[list(stepper.channels)] = t.last_tokens[slot]
+                stepper.prefill(slot, t.history[slot, context - keep : context].clone(), tokens)
+                stepper.rollovers += 1
+
+    expected = _run(inline, steps, on_step=reprefill_inline, late=late)
+    got = _run(shadow, steps, late=late)
+    assert shadow.rollovers == inline.rollovers == 6 - (late > 4)
+    assert shadow.position(0) == inline.position(0) == 20
+    assert shadow.position(1) == inline.position(1) == 20 - late + 8 * (late > 4)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)  # float rounding only
+    if late:
+        return
+    # The check can fail: a shadow that missed a chunk, or kept the wrong window, diverges.
+    wrong = Stepper(model, 2, context, keep)
+    for slot in range(2):
+        wrong.set_sampling(slot, GREEDY)
+    wrong._window_start = lambda: context - keep - 1  # type: ignore[method-assign]
+    assert not torch.allclose(torch.stack(_run(wrong, steps)), torch.stack(expected), atol=1e-3)
+
+
+def test_shadow_fill_runs_once_per_chunk_of_known_latents_not_every_tick(model):
+    """A fill forward costs about the same for 1 or 4 positions on a CPU, so the window is filled
+    a whole chunk at a time, once that many of its latents are known: before the first rollover
+    one fill every ``chunk`` ticks (it ran on every tick, a third of a tick's cost each time),
+    and the rollovers still find their shadow complete."""
+    context, keep, rows = 24, 16, 2
+    stepper = Stepper(model, rows, context, keep)
+    assert stepper.chunk == 3
+    calls = []
+
+    def record(s: Stepper, _step: int) -> None:
+        calls.append(s.fill_calls)
+
+    _run(stepper, 24, on_step=record)  # up to the first rollover: the window's 16 latents
+    assert stepper.rollovers == 0 and stepper.table.shadow_filled == [keep, keep]
+    assert calls[-1] == 5 and stepper.fill_calls == 6  # was 15: one per tick from position 9
+
+    def assert_no_unfinished_rollover(s: Stepper, _step: int) -> None:
+        for slot in range(rows):
+            if s.position(slot) == context:
+                assert s.table.shadow_filled[slot] == keep
+
+    _run(stepper, 20, seed=1, on_step=assert_no_unfinished_rollover)
+    assert stepper.rollovers == rows * 3  # at positions 24 (steps 0, 8 and 16)
+
+
+def test_skipping_the_caller_channel_leaves_the_model_channel_bit_identical(model):
+    """A live step computes only the model's channel; computing both one after the other (as
+    the original does) changes nothing for it, with random sampling (the generators are
+    advanced the same way) and across two rollovers. Both channels as one batch (offline
+    generation) round differently, nothing more."""
+    only_model = Stepper(model, 3, 24, 16)
+    both = Stepper(model, 3, 24, 16, channels=(0, 1), batch_channels=False)
+    batched = Stepper(model, 3, 24, 16, channels=(0, 1))
+    assert both.bytes_per_slot() > only_model.bytes_per_slot()  # its caches are skipped too
+    expected = _run(both, 34, seed=5)
+    assert both.rollovers == 6
+    for a, b in zip(_run(only_model, 34, seed=5), expected):
+        assert torch.equal(a, b)
+    for a, b in zip(_run(batched, 8, seed=5), expected):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+def test_attention_reads_only_the_live_bucket(model):
+    assert length_buckets(2048) == [16, 32, 64, 128, 256, 512, 1024, 2048]
+    assert length_buckets(24) == [16, 24]
+    assert bucket_for(17, length_buckets(2048)) == 32
+    # A call at positions 0..5 in a 64- and a 256-position cache gives the same output: the
+    # part of the cache past the live bucket is never read.
+    short, long = Stepper(model, 1, 64), Stepper(model, 1, 256)
+    for k in long.table.caches.ar.k + long.table.caches.resynthesizer.split.v:
+        k[:, :, :, 16:] = float("nan")  # would poison any read past the first bucket
+    for a, b in zip(_run(short, 6), _run(long, 6)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_bench_crosses_the_context_and_counts_rollovers(model):
+    result = bench_ticks(model, 2, 30, warmup=1, context=16)
+    assert result.rollovers >= 2 * 3  # 31 steps from 0 with 16 positions, keep 12: at 16, 20, 24...
+    assert result.step_ms_max >= result.step_ms_median > 0
+    assert result.context == 16
+
+
+def test_bench_command_crosses_the_context_and_reports_rollovers(tiny_model_dir):
+    import json
+    import subprocess
+    import sys
+
+    base = [sys.executable, "-m", "hertz_agents.cli", "bench", "-m", str(tiny_model_dir), "--json"]
+    run = subprocess.run(
+        base + ["--sessions", "2", "--steps", "4", "--context", "16", "--position", "14"],
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    report = json.loads(run.stdout)
+    assert report["rollovers"] == 2 and report["context"] == 16
+    assert report["step_ms_max"] >= report["step_ms_median"]
+    bad = subprocess.run(base + ["--context", "4"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "--context" in bad.stderr and "Traceback" not in bad.stderr

@@ -1,5 +1,6 @@
 """The server and remote sessions on loopback, with the tiny real model: the remote API equals the
-local one, tokens, a full server, prompts, health/readiness/metrics, limits, drain and reconnection."""
+local one, tokens, a full server, prompts, health/readiness/metrics, limits, drain and
+reconnection."""
 
 from __future__ import annotations
 
@@ -15,15 +16,16 @@ from aiohttp import web
 from hertz_agents.checkpoint import load_model
 from hertz_agents.engine import Engine
 from hertz_agents.errors import AudioInputError, EngineFull, SessionClosed
-from hertz_agents.server import protocol as p
-from hertz_agents.server.app import HertzServer, ServerConfig
-from hertz_agents.server.client import (
+from hertz_agents.remote import protocol as p
+from hertz_agents.remote.client import (
     AuthenticationFailed,
     ReconnectPolicy,
     RemoteEngine,
     ServerGone,
     ServerUnavailable,
 )
+from hertz_agents.server.app import HertzServer, ServerConfig
+from hertz_agents.server.guards import PeerLimits
 from hertz_agents.session import DuplexSession
 from hertz_agents.timing import SAMPLE_RATE, SAMPLES_PER_STEP, STEP_SECONDS
 
@@ -33,7 +35,9 @@ BOB = "/work/shared/audio/bob_duo.wav"
 
 @pytest.fixture(scope="module")
 def engine(tiny_model_dir):
-    eng = Engine(load_model(tiny_model_dir, device="cpu"), max_sessions=3, context=256, stall_timeout=0.25)
+    eng = Engine(
+        load_model(tiny_model_dir, device="cpu"), max_sessions=3, context=256, stall_timeout=0.25
+    )
     yield eng
     eng.close()
 
@@ -67,8 +71,13 @@ class Served:
         return f"http://127.0.0.1:{self.port}{path}"
 
 
+UNLIMITED_PEERS = PeerLimits(auth_failures=0, starts_per_second=0, max_pending_per_peer=0)
+
+
 def _config(**changes) -> ServerConfig:
     limits = dataclasses.replace(p.Limits(), **changes.pop("limits", {}))
+    # Every client here is 127.0.0.1: the per-address budgets are proven in test_server_limits.py.
+    changes.setdefault("peer_limits", UNLIMITED_PEERS)
     return ServerConfig(limits=limits, token=TOKEN, prompts={"bob": BOB}, **changes)
 
 
@@ -113,7 +122,7 @@ async def test_a_remote_session_has_the_local_api(served, engine):
     await pushing
     await asyncio.sleep(0.3)
     (conn,) = [c for c in served.server.connections if c.started]
-    assert conn.bridge.sampling == settings  # the live settings reached the server's slot
+    assert conn.slot.sampling == settings  # the live settings reached the server's slot
     snap = session.metrics.snapshot()
     assert snap["steps"] >= 8 and snap["latency_ms_median"] > 0
     await session.close()
@@ -124,7 +133,7 @@ async def test_a_remote_session_has_the_local_api(served, engine):
 
 
 async def test_remote_and_local_sessions_are_the_same_model(served, engine):
-    """Greedy sampling makes the output a function of input alone: remote equals local, step for step."""
+    """Greedy sampling makes output a function of input alone: remote equals local, step by step."""
     greedy = p.SamplingSettings(token_temp=0, categorical_temp=0, gaussian_temp=0)
     steps = np.stack([_tone(STEP_SECONDS, SAMPLE_RATE)] * 6)
 
@@ -170,7 +179,9 @@ async def test_tokens_are_required_and_checked(served):
 
 async def test_a_full_server_refuses_with_a_clear_reason(served, engine):
     remote = await RemoteEngine.connect(served.url())
-    handles = [await asyncio.to_thread(remote.open, lambda a, i: None) for _ in range(engine.max_sessions)]
+    handles = [
+        await asyncio.to_thread(remote.open, lambda a, i: None) for _ in range(engine.max_sessions)
+    ]
     async with aiohttp.ClientSession() as http:
         async with http.get(served.http("/readyz")) as r:
             assert r.status == 503 and (await r.json())["status"] == "full"
@@ -194,7 +205,9 @@ async def test_prompts_by_name_inline_and_unknown(served, engine):
     with pytest.raises(AudioInputError, match="no prompt named 'nobody'.*bob"):
         await DuplexSession.open(served.url(), prompt="nobody")
     with pytest.raises(AudioInputError, match="prompt"):
-        await DuplexSession.open(served.url(), prompt=np.zeros(100, np.float32))  # too short to prefill
+        await DuplexSession.open(
+            served.url(), prompt=np.zeros(100, np.float32)
+        )  # too short to prefill
     await _slots_free(engine)
 
 
@@ -216,11 +229,20 @@ async def test_health_readiness_info_and_prometheus_metrics(served):
             assert r.headers["Content-Type"].startswith("text/plain; version=0.0.4")
             text = await r.text()
     await session.close()
-    for line in ('hertz_sessions_active{endpoint="session"} 1', "hertz_sessions_max 3",
-                 'hertz_step_compute_seconds_bucket{le="+Inf"}', "hertz_late_steps_total",
-                 "hertz_real_time_factor", "hertz_step_latency_seconds_count", "# TYPE hertz_steps_total counter"):
+    for line in (
+        'hertz_sessions_active{endpoint="session"} 1',
+        "hertz_sessions_max 3",
+        'hertz_step_compute_seconds_bucket{le="+Inf"}',
+        "hertz_late_steps_total",
+        "hertz_real_time_factor",
+        "hertz_step_latency_seconds_count",
+        "# TYPE hertz_steps_total counter",
+    ):
         assert line in text
-    assert int(next(x for x in text.splitlines() if x.startswith("hertz_steps_total ")).split()[1]) >= 1
+    assert (
+        int(next(x for x in text.splitlines() if x.startswith("hertz_steps_total ")).split()[1])
+        >= 1
+    )
 
 
 async def test_when_no_server_answers_the_error_says_so():
@@ -229,7 +251,9 @@ async def test_when_no_server_answers_the_error_says_so():
 
 
 async def test_session_length_and_idle_limits_end_only_that_session(engine):
-    s = await Served(HertzServer(engine, _config(limits={"max_session_seconds": 1.0, "idle_timeout": 0.6}))).start()
+    s = await Served(
+        HertzServer(engine, _config(limits={"max_session_seconds": 1.0, "idle_timeout": 0.6}))
+    ).start()
     try:
         closed: list[BaseException] = []
         remote = await RemoteEngine.connect(s.url())
@@ -245,7 +269,9 @@ async def test_session_length_and_idle_limits_end_only_that_session(engine):
         with pytest.raises(SessionClosed, match="session_limit"):
             busy.submit(_tone(STEP_SECONDS, SAMPLE_RATE))
         assert len(closed) == 2
-        assert s.server.metrics.ended["timeout"] == 1 and s.server.metrics.ended["session_limit"] == 1
+        assert (
+            s.server.metrics.ended["timeout"] == 1 and s.server.metrics.ended["session_limit"] == 1
+        )
     finally:
         await s.stop()
     await _slots_free(engine)
@@ -274,9 +300,13 @@ async def test_a_session_reconnects_when_its_server_restarts(engine):
     s = await Served(HertzServer(engine, _config())).start()
     port = s.port
     closed: list[BaseException] = []
-    remote = await RemoteEngine.connect(s.url(), reconnect=ReconnectPolicy(attempts=8, initial_delay=0.1))
+    remote = await RemoteEngine.connect(
+        s.url(), reconnect=ReconnectPolicy(attempts=8, initial_delay=0.1)
+    )
     outputs: list[int] = []
-    handle = await asyncio.to_thread(remote.open, lambda a, info: outputs.append(info.step), on_closed=closed.append)
+    handle = await asyncio.to_thread(
+        remote.open, lambda a, info: outputs.append(info.step), on_closed=closed.append
+    )
     await s.stop(drain=0)  # ends the session with 1001 "going away"
     s2 = await Served(HertzServer(engine, _config())).start(port)
     try:
@@ -295,7 +325,9 @@ async def test_a_session_reconnects_when_its_server_restarts(engine):
 async def test_when_the_server_is_gone_for_good_the_session_says_so(engine):
     s = await Served(HertzServer(engine, _config())).start()
     closed: list[BaseException] = []
-    remote = await RemoteEngine.connect(s.url(), reconnect=ReconnectPolicy(attempts=2, initial_delay=0.05))
+    remote = await RemoteEngine.connect(
+        s.url(), reconnect=ReconnectPolicy(attempts=2, initial_delay=0.05)
+    )
     handle = await asyncio.to_thread(remote.open, lambda a, i: None, on_closed=closed.append)
     await s.stop(drain=0)
     for _ in range(50):
@@ -306,3 +338,28 @@ async def test_when_the_server_is_gone_for_good_the_session_says_so(engine):
     with pytest.raises(ServerGone, match="could not reconnect.*hertz-agents serve"):
         handle.submit(np.zeros(SAMPLES_PER_STEP, np.float32))
     await _slots_free(engine)
+
+
+async def test_load_engine_takes_a_hertz_url_and_every_model_value_resolves_in_one_place(
+    served, engine, tiny_model_dir
+):
+    """README's `load_engine("hertz://...")`: a connected remote backend, same seam as local."""
+    import hertz_agents
+    from hertz_agents.backend import Backend
+    from hertz_agents.engine import load_engine as load_local
+    from hertz_agents.remote import RemoteEngine
+
+    remote = await asyncio.to_thread(hertz_agents.load_engine, served.url())
+    assert isinstance(remote, RemoteEngine) and isinstance(remote, Backend)
+    assert remote.max_sessions == engine.max_sessions and 0.0 <= remote.occupancy <= 1.0
+    session = DuplexSession(remote, seed=2)  # created at once; the slot opens on the server
+    session.push_audio_nowait(_tone(0.5, SAMPLE_RATE), SAMPLE_RATE)
+    await session.wait_open()
+    chunks = [await asyncio.wait_for(session.read(), 30) for _ in range(4)]
+    await session.close()
+    assert [c.input_seq for c in chunks] == [0, 1, 2, 3]
+    assert hertz_agents.load_engine(engine) is engine  # a backend is used as it is
+    with pytest.raises(ValueError, match="hertz_agents.load_engine"):
+        load_local(served.url())  # local weights only, and it says where URLs go
+    with pytest.raises(TypeError, match="hertz://HOST:PORT"):
+        hertz_agents.load_engine(42)  # type: ignore[arg-type]

@@ -1,6 +1,7 @@
-"""Bad clients end only themselves: while two well-behaved sessions run in real time, a fuzzer sends
-garbage bytes, wrong sizes, invalid JSON, huge messages, wrong tokens and abrupt disconnects (mid-step
-and mid-start). The server stays up, frees every slot and the two sessions never miss a step.
+"""Bad clients end only themselves: while two well-behaved sessions run in real time, a fuzzer
+sends garbage bytes, wrong sizes, invalid JSON, huge messages, wrong tokens and abrupt disconnects
+(mid-step and mid-start). The server stays up, frees every slot and the two sessions never miss a
+step.
 Also: a client written for the original hertz-dev server works against /audio unchanged."""
 
 from __future__ import annotations
@@ -22,10 +23,11 @@ from aiohttp import web
 
 from hertz_agents.checkpoint import load_model
 from hertz_agents.engine import Engine
-from hertz_agents.server import protocol as p
+from hertz_agents.remote import protocol as p
+from hertz_agents.remote.client import ReconnectPolicy, RemoteEngine
+from hertz_agents.remote.loadtest import report, run_load
 from hertz_agents.server.app import HertzServer, ServerConfig
-from hertz_agents.server.client import ReconnectPolicy, RemoteEngine
-from hertz_agents.server.loadtest import report, run_load
+from hertz_agents.server.guards import PeerLimits
 from hertz_agents.timing import SAMPLE_RATE, SAMPLES_PER_STEP, STEP_SECONDS
 
 TOKEN = "fuzz-token-0123456789abcdef"
@@ -36,7 +38,9 @@ START = p.encode(p.Start())
 @pytest.fixture(scope="module")
 def engine(tiny_model_dir):
     # A 2 s input backlog: a hiccup of this shared CPU must not drop a step, only the fuzzer may.
-    eng = Engine(load_model(tiny_model_dir, device="cpu"), max_sessions=5, context=256, max_input_backlog=16)
+    eng = Engine(
+        load_model(tiny_model_dir, device="cpu"), max_sessions=5, context=256, max_input_backlog=16
+    )
     yield eng
     eng.close()
 
@@ -44,7 +48,10 @@ def engine(tiny_model_dir):
 @pytest.fixture
 async def server(engine):
     limits = dataclasses.replace(p.Limits(), start_timeout=1.0, idle_timeout=3.0)
-    srv = HertzServer(engine, ServerConfig(limits=limits, token=TOKEN))
+    # The fuzzer and the victims share 127.0.0.1: per-address budgets are off here (they are
+    # proven in test_server_limits.py); this file is about malformed messages.
+    peers = PeerLimits(auth_failures=0, starts_per_second=0, max_pending_per_peer=0)
+    srv = HertzServer(engine, ServerConfig(limits=limits, token=TOKEN, peer_limits=peers))
     runner = web.AppRunner(srv.make_app(), access_log=None, shutdown_timeout=0.5)
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", 0).start()
@@ -60,8 +67,10 @@ async def raw_connect(port: int, path: str = p.SESSION_PATH, token: str | None =
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     key = base64.b64encode(os.urandom(16)).decode()
     auth = f"Authorization: Bearer {token}\r\n" if token else ""
-    writer.write(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                 f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n{auth}\r\n".encode())
+    writer.write(
+        f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n{auth}\r\n".encode()
+    )
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
     return reader, writer, int(head.split()[1])
 
@@ -70,14 +79,23 @@ def frame(opcode: int, payload: bytes, *, fin: bool = True) -> bytes:
     """A masked client frame (RFC 6455)."""
     first = (0x80 if fin else 0) | opcode
     n = len(payload)
-    size = bytes([0x80 | n]) if n < 126 else (bytes([0x80 | 126]) + n.to_bytes(2, "big") if n < 65536
-                                              else bytes([0x80 | 127]) + n.to_bytes(8, "big"))
+    size = (
+        bytes([0x80 | n])
+        if n < 126
+        else (
+            bytes([0x80 | 126]) + n.to_bytes(2, "big")
+            if n < 65536
+            else bytes([0x80 | 127]) + n.to_bytes(8, "big")
+        )
+    )
     mask = os.urandom(4)
     key = np.resize(np.frombuffer(mask, np.uint8), n)
     return bytes([first]) + size + mask + (np.frombuffer(payload, np.uint8) ^ key).tobytes()
 
 
-async def read_until_close(reader: asyncio.StreamReader, timeout: float = 10) -> tuple[int | None, list[dict]]:
+async def read_until_close(
+    reader: asyncio.StreamReader, timeout: float = 10
+) -> tuple[int | None, list[dict]]:
     """Server frames until its close frame: (close code, the JSON messages seen)."""
     messages: list[dict] = []
     try:
@@ -98,7 +116,9 @@ async def read_until_close(reader: asyncio.StreamReader, timeout: float = 10) ->
         return None, messages
 
 
-async def expect_refusal(port: int, frames: list[bytes], code: str | None, close: int | tuple | None) -> None:
+async def expect_refusal(
+    port: int, frames: list[bytes], code: str | None, close: int | tuple | None
+) -> None:
     reader, writer, status = await raw_connect(port)
     assert status == 101
     try:
@@ -137,8 +157,9 @@ def _step_pcm(n: int = 1) -> bytes:
 
 async def test_bad_inputs_end_only_their_own_session(server, engine):
     port = server.port
-    remote = await RemoteEngine.connect(f"hertz://127.0.0.1:{port}?token={TOKEN}",
-                                        reconnect=ReconnectPolicy(attempts=0))
+    remote = await RemoteEngine.connect(
+        f"hertz://127.0.0.1:{port}?token={TOKEN}", reconnect=ReconnectPolicy(attempts=0)
+    )
     victims = asyncio.create_task(run_load(remote, sessions=2, seconds=14, seed=11))
     await asyncio.sleep(0.5)
 
@@ -148,20 +169,58 @@ async def test_bad_inputs_end_only_their_own_session(server, engine):
         ([frame(text, b"{not json")], "bad_request", 1008),
         ([frame(text, b'{"type": "launch"}')], "bad_request", 1008),
         ([frame(text, b'{"type": "start", "version": 0}')], "unsupported_version", 1008),
-        ([frame(text, b'{"type": "start", "version": 1, "sampling": {"token_temp": -3}}')], "bad_request", 1008),
-        ([frame(text, b'{"type": "start", "version": 1, "prompt": {"name": "nobody"}}')], "unknown_prompt", 1008),
-        ([frame(text, _start_with_prompt(os.urandom(2000)))], "bad_prompt", 1008),  # not an audio file
-        ([frame(text, _start_with_prompt(_wav_bytes()[:60]))], "bad_prompt", 1008),  # a truncated WAV
+        (
+            [frame(text, b'{"type": "start", "version": 1, "sampling": {"token_temp": -3}}')],
+            "bad_request",
+            1008,
+        ),
+        (
+            [frame(text, b'{"type": "start", "version": 1, "prompt": {"name": "nobody"}}')],
+            "unknown_prompt",
+            1008,
+        ),
+        (
+            [frame(text, _start_with_prompt(os.urandom(2000)))],
+            "bad_prompt",
+            1008,
+        ),  # not an audio file
+        (
+            [frame(text, _start_with_prompt(_wav_bytes()[:60]))],
+            "bad_prompt",
+            1008,
+        ),  # a truncated WAV
         ([frame(text, b"\xff\xfe invalid utf-8")], None, 1007),
-        ([frame(text, b"x" * (3 * 1024 * 1024))], None, (1009, None)),  # too big: closed (maybe reset mid-send)
-        ([frame(text, START.encode()), frame(binary, b"\0" * 3)], "bad_audio", 1007),  # odd byte count
-        ([frame(text, START.encode()), frame(binary, _step_pcm(9))], "bad_audio", 1007),  # over the frame limit
+        (
+            [frame(text, b"x" * (3 * 1024 * 1024))],
+            None,
+            (1009, None),
+        ),  # too big: closed (maybe reset mid-send)
+        (
+            [frame(text, START.encode()), frame(binary, b"\0" * 3)],
+            "bad_audio",
+            1007,
+        ),  # odd byte count
+        (
+            [frame(text, START.encode()), frame(binary, _step_pcm(9))],
+            "bad_audio",
+            1007,
+        ),  # over the frame limit
         ([frame(text, START.encode()), frame(binary, b"")], "bad_audio", 1007),
         ([frame(text, START.encode()), frame(text, b"[]")], "bad_request", 1008),
         ([frame(text, START.encode()), frame(text, START.encode())], "bad_request", 1008),
-        ([frame(text, START.encode()), frame(text, b'{"type": "settings", "sampling": {"min_p": 7}}')],
-         "bad_request", 1008),
-        ([frame(text, START.encode()), frame(text, b" " * (p.Limits().max_control_bytes + 1))], "bad_request", 1008),
+        (
+            [
+                frame(text, START.encode()),
+                frame(text, b'{"type": "settings", "sampling": {"min_p": 7}}'),
+            ],
+            "bad_request",
+            1008,
+        ),
+        (
+            [frame(text, START.encode()), frame(text, b" " * (p.Limits().max_control_bytes + 1))],
+            "bad_request",
+            1008,
+        ),
         ([frame(0x3, b"reserved opcode")], None, None),
         ([], "timeout", 1008),  # connected, never started
     ]
@@ -175,9 +234,11 @@ async def test_bad_inputs_end_only_their_own_session(server, engine):
         assert status == 401
 
     # Abrupt disconnects: mid-step, right after the start (slot being set up), and mid-frame.
-    for cut in ([frame(text, START.encode()), frame(binary, _step_pcm(1)[:1000])],
-                [frame(text, START.encode())],
-                [frame(text, START.encode()), frame(binary, _step_pcm(2))[:2500]]):
+    for cut in (
+        [frame(text, START.encode()), frame(binary, _step_pcm(1)[:1000])],
+        [frame(text, START.encode())],
+        [frame(text, START.encode()), frame(binary, _step_pcm(2))[:2500]],
+    ):
         _, writer, _ = await raw_connect(port)
         writer.write(b"".join(cut))
         await writer.drain()
@@ -193,9 +254,15 @@ async def test_bad_inputs_end_only_their_own_session(server, engine):
     for _ in range(25):
         frames = [frame(text, START.encode())] if rng.random() < 0.5 else []
         kind = rng.choice(["bytes", "json", "odd"])
-        body = (os.urandom(rng.randrange(1, 3000)) if kind == "bytes" else
-                json.dumps({"type": rng.choice(["start", "settings", "x"]), "sampling": rng.random()}).encode()
-                if kind == "json" else b"\1" * (2 * rng.randrange(1, 100) + 1))
+        body = (
+            os.urandom(rng.randrange(1, 3000))
+            if kind == "bytes"
+            else json.dumps(
+                {"type": rng.choice(["start", "settings", "x"]), "sampling": rng.random()}
+            ).encode()
+            if kind == "json"
+            else b"\1" * (2 * rng.randrange(1, 100) + 1)
+        )
         frames.append(frame(rng.choice([text, binary]), body))
         reader, writer, _ = await raw_connect(port)
         writer.write(b"".join(frames))
@@ -207,7 +274,10 @@ async def test_bad_inputs_end_only_their_own_session(server, engine):
         async with http.ws_connect(f"http://127.0.0.1:{port}{p.SESSION_PATH}", headers=AUTH) as ws:
             await ws.send_str(START)
             started = await ws.receive_json()
-            assert started["type"] == "started", (started, [(c.started, c._end) for c in server.connections])
+            assert started["type"] == "started", (
+                started,
+                [(c.started, c._end) for c in server.connections],
+            )
             for _ in range(40):
                 await ws.send_bytes(_step_pcm(8))
             await ws.send_str(p.encode(p.End()))
@@ -233,13 +303,16 @@ async def test_bad_inputs_end_only_their_own_session(server, engine):
 
 
 async def test_an_original_hertz_dev_client_works_unchanged(server, engine):
-    """The original client's calls: websockets to {server}/audio, requests.post to /set_temperature."""
+    """The original client's calls: websockets to {server}/audio, a POST to /set_temperature."""
     base = f"ws://127.0.0.1:{server.port}/t/{TOKEN}"  # the token rides in the base URL's path
     http_base = base.replace("ws://", "http://")
-    response = await asyncio.to_thread(requests.post, f"{http_base}/set_temperature",
-                                       params={"token_temp": 0.7, "categorical_temp": 0.4, "gaussian_temp": 0.1})
+    response = await asyncio.to_thread(
+        requests.post,
+        f"{http_base}/set_temperature",
+        params={"token_temp": 0.7, "categorical_temp": 0.4, "gaussian_temp": 0.1},
+    )
     assert response.status_code == 200 and "0.7" in response.json()["message"]
-    assert server.compat_sampling.token_temp == 0.7
+    assert server.compat.sampling.token_temp == 0.7
 
     t = np.arange(SAMPLES_PER_STEP * 12) / SAMPLE_RATE
     mic = (0.3 * np.sin(2 * np.pi * 200 * t) * 32767).astype(np.int16).reshape(12, SAMPLES_PER_STEP)
@@ -247,7 +320,9 @@ async def test_an_original_hertz_dev_client_works_unchanged(server, engine):
     async with websockets.connect(f"{base}/audio") as ws:
         for block in mic:  # as the original client: one 2000-sample block, then wait for its reply
             sent = time.monotonic()
-            await ws.send(f"data:audio/raw;base64,{base64.b64encode(block.tobytes()).decode('utf-8')}")
+            await ws.send(
+                f"data:audio/raw;base64,{base64.b64encode(block.tobytes()).decode('utf-8')}"
+            )
             response = await asyncio.wait_for(ws.recv(), 10)
             audio = np.frombuffer(base64.b64decode(response.split(",")[1]), dtype=np.int16)
             replies.append(audio)

@@ -1,4 +1,5 @@
-"""The wire protocol, tokens and metrics text, without a server: what is accepted, what is refused and why."""
+"""The wire protocol, tokens and metrics text, without a server: what is accepted, what is
+refused and why."""
 
 from __future__ import annotations
 
@@ -7,10 +8,10 @@ import json
 import numpy as np
 import pytest
 
+from hertz_agents.remote import protocol as p
+from hertz_agents.remote.client import ServerAddress
 from hertz_agents.sampling import SamplingSettings
-from hertz_agents.server import protocol as p
 from hertz_agents.server.auth import TokenAuth, is_loopback
-from hertz_agents.server.client import ServerAddress
 from hertz_agents.server.compat import parse_temperatures
 from hertz_agents.server.prometheus import Histogram, ServerMetrics
 from hertz_agents.timing import SAMPLES_PER_STEP
@@ -38,7 +39,9 @@ def test_pcm16_conversion_clips_instead_of_wrapping():
 
 
 def test_a_start_message_round_trips_with_settings_prompt_and_seed():
-    start = p.Start(sampling=SamplingSettings(token_temp=0.6, top_p=0.9), prompt=p.Prompt(name="bob"), seed=5)
+    start = p.Start(
+        sampling=SamplingSettings(token_temp=0.6, top_p=0.9), prompt=p.Prompt(name="bob"), seed=5
+    )
     parsed = p.parse_client_message(p.encode(start), LIMITS)
     assert parsed == start
     inline = p.Start(prompt=p.Prompt(audio=b"RIFF....WAVE"))
@@ -56,14 +59,26 @@ def test_a_start_message_round_trips_with_settings_prompt_and_seed():
         ('{"type": "start", "version": 1, "extra": 1}', p.ErrorCode.BAD_REQUEST),
         ('{"type": "start", "version": 1, "seed": -1}', p.ErrorCode.BAD_REQUEST),
         ('{"type": "start", "version": 1, "seed": true}', p.ErrorCode.BAD_REQUEST),
-        ('{"type": "start", "version": 1, "sampling": {"token_temp": -1}}', p.ErrorCode.BAD_REQUEST),
-        ('{"type": "start", "version": 1, "sampling": {"token_temp": NaN}}', p.ErrorCode.BAD_REQUEST),
-        ('{"type": "start", "version": 1, "sampling": {"token_temp": "hot"}}', p.ErrorCode.BAD_REQUEST),
+        (
+            '{"type": "start", "version": 1, "sampling": {"token_temp": -1}}',
+            p.ErrorCode.BAD_REQUEST,
+        ),
+        (
+            '{"type": "start", "version": 1, "sampling": {"token_temp": NaN}}',
+            p.ErrorCode.BAD_REQUEST,
+        ),
+        (
+            '{"type": "start", "version": 1, "sampling": {"token_temp": "hot"}}',
+            p.ErrorCode.BAD_REQUEST,
+        ),
         ('{"type": "start", "version": 1, "sampling": {"top_k": 5}}', p.ErrorCode.BAD_REQUEST),
         ('{"type": "start", "version": 1, "sampling": {"top_p": 0}}', p.ErrorCode.BAD_REQUEST),
         ('{"type": "start", "version": 1, "prompt": "bob"}', p.ErrorCode.BAD_REQUEST),
         ('{"type": "start", "version": 1, "prompt": {"name": ""}}', p.ErrorCode.BAD_REQUEST),
-        ('{"type": "start", "version": 1, "prompt": {"audio_base64": "@@@"}}', p.ErrorCode.BAD_PROMPT),
+        (
+            '{"type": "start", "version": 1, "prompt": {"audio_base64": "@@@"}}',
+            p.ErrorCode.BAD_PROMPT,
+        ),
         ('{"type": "start", "version": 1, "prompt": {"audio_base64": ""}}', p.ErrorCode.BAD_PROMPT),
         ('{"type": "settings"}', p.ErrorCode.BAD_REQUEST),
         ('{"type": "settings", "sampling": {"min_p": 1.5}}', None),  # parsed; refused when applied
@@ -112,10 +127,18 @@ def test_error_codes_map_to_websocket_close_codes():
 def test_tokens_match_exactly_and_come_from_header_query_or_path():
     auth = TokenAuth("s3cret-token-abcdefgh")
     assert auth.check("s3cret-token-abcdefgh")
-    for wrong in (None, "", "s3cret-token-abcdefg", "s3cret-token-abcdefghi", "S3CRET-TOKEN-ABCDEFGH"):
+    for wrong in (
+        None,
+        "",
+        "s3cret-token-abcdefg",
+        "s3cret-token-abcdefghi",
+        "S3CRET-TOKEN-ABCDEFGH",
+    ):
         assert not auth.check(wrong)
     assert auth.check_request({"Authorization": "Bearer s3cret-token-abcdefgh"}, {})
-    assert auth.check_request({"Authorization": "bearer s3cret-token-abcdefgh"}, {})  # the scheme is case-blind
+    assert auth.check_request(
+        {"Authorization": "bearer s3cret-token-abcdefgh"}, {}
+    )  # the scheme is case-blind
     assert auth.check_request({}, {"token": "s3cret-token-abcdefgh"})
     assert auth.check_request({}, {}, path_token="s3cret-token-abcdefgh")
     assert not auth.check_request({"Authorization": "Basic s3cret-token-abcdefgh"}, {})
@@ -135,7 +158,10 @@ def test_remote_urls_parse_with_token_tls_and_default_port(monkeypatch):
     monkeypatch.delenv("HERTZ_TOKEN", raising=False)
     address, query = ServerAddress.parse("hertz://gpu-1:9000?token=abc&reconnect=2")
     assert (address.host, address.port, address.tls, address.token) == ("gpu-1", 9000, False, "abc")
-    assert query["reconnect"] == "2" and address.url("/v1/session", websocket=True) == "ws://gpu-1:9000/v1/session"
+    assert (
+        query["reconnect"] == "2"
+        and address.url("/v1/session", websocket=True) == "ws://gpu-1:9000/v1/session"
+    )
     assert address.headers == {"Authorization": "Bearer abc"} and "abc" not in str(address)
     secure, _ = ServerAddress.parse("hertz://gpu-1?tls=1")
     assert secure.port == 443 and secure.url("/v1/info") == "https://gpu-1:443/v1/info"
@@ -158,13 +184,22 @@ def test_prometheus_text_has_cumulative_buckets_and_labelled_counters():
     h = Histogram((0.1, 0.2))
     for v in (0.05, 0.15, 0.15, 5.0):
         h.observe(v)
-    assert h.lines("x") == ['x_bucket{le="0.1"} 1', 'x_bucket{le="0.2"} 3', 'x_bucket{le="+Inf"} 4',
-                            "x_sum 5.350000", "x_count 4"]
+    assert h.lines("x") == [
+        'x_bucket{le="0.1"} 1',
+        'x_bucket{le="0.2"} 3',
+        'x_bucket{le="+Inf"} 4',
+        "x_sum 5.350000",
+        "x_count 4",
+    ]
     m = ServerMetrics()
     m.observe_step(40.0, 200.0, silence=False)
     m.ended["bad_audio"] += 1
-    text = m.render(active={"session": 2, "compat": 0}, max_sessions=8, draining=False, engine=object())
+    text = m.render(
+        active={"session": 2, "compat": 0}, max_sessions=8, draining=False, engine=object()
+    )
     assert 'hertz_sessions_active{endpoint="session"} 2' in text
     assert 'hertz_sessions_ended_total{reason="bad_audio"} 1' in text
     assert "hertz_late_steps_total 1" in text and "hertz_real_time_factor 0.32" in text
-    assert text.endswith("\n") and all(line.startswith(("#", "hertz_")) for line in text.splitlines())
+    assert text.endswith("\n") and all(
+        line.startswith(("#", "hertz_")) for line in text.splitlines()
+    )

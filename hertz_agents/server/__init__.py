@@ -1,1 +1,1 @@
-"""hertz_agents.server"""
+"""``hertz-agents serve``: the inference server (see docs/server.md)."""

@@ -13,7 +13,10 @@ import hmac
 import ipaddress
 import os
 
-TOKEN_ENV = "HERTZ_TOKEN"
+from hertz_agents.remote.transport import TOKEN_ENV
+
+__all__ = ["MIN_TOKEN_LENGTH", "TOKEN_ENV", "TokenAuth", "is_loopback", "resolve_token"]
+
 MIN_TOKEN_LENGTH = 16
 
 
@@ -26,13 +29,17 @@ class TokenAuth:
     """Checks presented tokens against one configured token (or allows everything when None)."""
 
     def __init__(self, token: str | None) -> None:
-        if token is not None and len(token) < MIN_TOKEN_LENGTH:
-            raise ValueError(f"the server token must be at least {MIN_TOKEN_LENGTH} characters; "
-                             "make one with `python -c 'import secrets; print(secrets.token_urlsafe(32))'`")
+        if token is not None and (len(token) < MIN_TOKEN_LENGTH or any(c.isspace() for c in token)):
+            raise ValueError(
+                f"the server token must be at least {MIN_TOKEN_LENGTH} characters without "
+                "spaces; "
+                "make one with `python -c 'import secrets; print(secrets.token_urlsafe(32))'`"
+            )
         self._digest = _digest(token) if token is not None else None
 
     @property
     def required(self) -> bool:
+        """A token is configured."""
         return self._digest is not None
 
     def check(self, presented: str | None) -> bool:
@@ -43,7 +50,7 @@ class TokenAuth:
         return hmac.compare_digest(_digest(presented or ""), self._digest) and presented is not None
 
     def check_request(self, headers, query, path_token: str | None = None) -> bool:
-        """Look for the token in the Authorization header, the ``token`` query parameter or the path."""
+        """Look for the token in the Authorization header, the ``token`` query or the path."""
         presented = path_token
         auth = headers.get("Authorization", "")
         if auth[:7].lower() == "bearer ":

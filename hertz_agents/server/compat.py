@@ -9,25 +9,60 @@ Differences, all on the safe side: a message must hold whole 125 ms steps (the o
 sends exactly one); anything else closes that session with a reason instead of crashing the
 server. With a token configured, original clients pass it in the base URL's path:
 ``ws://host:port/t/<token>`` (they append ``/audio`` and ``/set_temperature`` themselves).
+
+The endpoint owns its state (the shared temperatures and its sessions) in :class:`CompatEndpoint`.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import time
+import math
 from collections import deque
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
-from aiohttp import WSMsgType, web
+from aiohttp import web
 
-from hertz_agents.sampling import SamplingSettings
-from hertz_agents.server import protocol as p
-from hertz_agents.server.bridge import StepResult
-from hertz_agents.server.sessions import Connection, SessionEnd
+from hertz_agents.audio import float_to_pcm16
+from hertz_agents.loop_slot import StepResult
+from hertz_agents.remote import protocol as p
+from hertz_agents.sampling import TEMPERATURE_FIELDS, SamplingSettings
+from hertz_agents.server.sessions import Connection, ConnectionHost, SessionEnd
 from hertz_agents.timing import SAMPLES_PER_STEP
 
-TEMPERATURE_FIELDS = ("token_temp", "categorical_temp", "gaussian_temp")
+__all__ = ["TEMPERATURE_FIELDS", "CompatEndpoint", "CompatSession", "parse_temperatures"]
+
+
+class CompatEndpoint:
+    """The compatibility endpoint's state: one set of temperatures for all of its sessions."""
+
+    def __init__(self) -> None:
+        self.sampling = SamplingSettings()
+        self.sessions: set[CompatSession] = set()
+
+    def session(self, host: ConnectionHost, ws: web.WebSocketResponse) -> CompatSession:
+        """A new compatibility session on ``ws``."""
+        return CompatSession(host, ws, self)
+
+    async def set_temperature(self, request: web.Request) -> web.StreamResponse:
+        """``POST /set_temperature``: change the temperatures of every compatibility session."""
+        try:
+            changes = parse_temperatures(request.query)
+        except ValueError as e:
+            return web.json_response({"message": f"not changed: {e}"}, status=400)
+        self.sampling = self.sampling.replace(**changes)
+        for session in self.sessions:
+            if session.started and session.slot is not None:
+                session.slot.update_sampling(self.sampling)
+        s = self.sampling
+        return web.json_response(
+            {
+                "message": f"temperatures set: token {s.token_temp}, "
+                f"categorical {s.categorical_temp}, gaussian {s.gaussian_temp}"
+            }
+        )
 
 
 class CompatSession(Connection):
@@ -35,63 +70,81 @@ class CompatSession(Connection):
 
     endpoint = "compat"
 
-    def __init__(self, server, ws: web.WebSocketResponse) -> None:
-        super().__init__(server, ws)
+    def __init__(
+        self, host: ConnectionHost, ws: web.WebSocketResponse, owner: CompatEndpoint
+    ) -> None:
+        super().__init__(host, ws)
+        self._owner = owner
         # Per message, oldest first: the input steps it holds and the outputs found so far.
         self._replies: deque[tuple[list[int | None], dict[int, np.ndarray]]] = deque()
 
-    async def serve(self) -> None:
-        server = self.server
-        prompt = await server.resolve_prompt(server.default_prompt_ref())
-        await self.open_slot(sampling=server.compat_sampling, prompt=prompt, seed=None)
-        idle_deadline = time.monotonic() + self.limits.idle_timeout
-        while True:
-            msg = await self.receive(idle_deadline)
-            if msg.type == WSMsgType.TEXT:
-                idle_deadline = time.monotonic() + self.limits.idle_timeout
-                self._message(msg.data)
-            elif msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED):
-                return
-            elif msg.type == WSMsgType.ERROR:
-                raise SessionEnd(p.ErrorCode.BAD_REQUEST.value, 1009, f"bad message: {msg.data}",
-                                 p.ErrorCode.BAD_REQUEST)
-            else:
-                raise self._bad(f"send text frames '{p.COMPAT_PREFIX}<base64 int16 PCM>', not binary")
+    async def begin(self) -> None:
+        """No handshake: take a slot with the default prompt and the shared temperatures."""
+        self._owner.sessions.add(self)
+        prompt = await self.resolve_prompt(None)
+        await self.open_slot(sampling=self._owner.sampling, prompt=prompt, seed=None)
+
+    async def run(self) -> None:
+        """Serve, and leave the endpoint's sessions when done."""
+        try:
+            await super().run()
+        finally:
+            self._owner.sessions.discard(self)
+
+    def is_audio(self, binary: bool) -> bool:
+        """Every message of this protocol is audio (held to the audio message budget)."""
+        return True
+
+    def on_message(self, binary: bool, data: Any) -> bool:
+        """Text frames carry audio; binary ones are refused."""
+        if binary:
+            raise self._bad(f"send text frames '{p.COMPAT_PREFIX}<base64 int16 PCM>', not binary")
+        self._message(data)
+        return True
 
     def _bad(self, message: str) -> SessionEnd:
         return SessionEnd(p.ErrorCode.BAD_AUDIO.value, 1007, message, p.ErrorCode.BAD_AUDIO)
 
     def _message(self, text: str) -> None:
-        assert self.bridge is not None
+        assert self.slot is not None
         if not text.startswith(p.COMPAT_PREFIX):
             raise self._bad(f"messages must start with '{p.COMPAT_PREFIX}'")
-        payload = text[len(p.COMPAT_PREFIX):]
+        payload = text[len(p.COMPAT_PREFIX) :]
         if len(payload) > (self.limits.max_frame_bytes + 2) // 3 * 4:
-            raise self._bad(f"a message holds at most {self.limits.max_frame_bytes // p.STEP_BYTES} steps "
-                            f"of {SAMPLES_PER_STEP} samples")
+            raise self._bad(
+                f"a message holds at most {self.limits.max_frame_bytes // p.STEP_BYTES}"
+                f" steps of {SAMPLES_PER_STEP} samples"
+            )
         try:
             data = base64.b64decode(payload, validate=True)
         except (binascii.Error, ValueError):
             raise self._bad("the audio is not valid base64") from None
         if not data or len(data) % p.STEP_BYTES:
-            raise self._bad(f"each message must hold whole steps of {SAMPLES_PER_STEP} int16 samples at 16 kHz "
-                            f"({p.STEP_BYTES} bytes each), got {len(data)} bytes")
-        seqs = [self.bridge.submit(step) for step in self.pcm_steps(data)]
+            raise self._bad(
+                f"each message must hold whole steps of {SAMPLES_PER_STEP} int16 "
+                f"samples at 16 kHz ({p.STEP_BYTES} bytes each), got {len(data)} bytes"
+            )
+        seqs = [self.submit_step(step) for step in self.pcm_steps(data)]
         self._replies.append((seqs, {}))
         self._flush()
 
     def deliver(self, result: StepResult) -> None:
+        """Collect the step into its message's reply; send the replies that are complete."""
         if result.seq is None:  # silence the engine inserted while the client paused: nobody asked
             return
         for seq in [*result.dropped, result.seq]:
             for seqs, found in self._replies:
                 if seq in seqs:
-                    found[seq] = result.audio if seq == result.seq else np.zeros(SAMPLES_PER_STEP, np.float32)
+                    found[seq] = (
+                        result.audio
+                        if seq == result.seq
+                        else np.zeros(SAMPLES_PER_STEP, np.float32)
+                    )
                     break
         self._flush()
 
     def _flush(self) -> None:
-        """Send every reply, in order, whose steps are all answered (dropped steps read as silence)."""
+        """Send every reply, in order, whose steps are all answered (dropped ones: silence)."""
         silence = np.zeros(SAMPLES_PER_STEP, np.float32)
         while self._replies:
             seqs, found = self._replies[0]
@@ -99,11 +152,11 @@ class CompatSession(Connection):
                 return
             self._replies.popleft()
             audio = np.concatenate([found[s] if s is not None else silence for s in seqs])
-            self.send(p.COMPAT_PREFIX + base64.b64encode(p.float_to_pcm16(audio)).decode("ascii"))
+            self.send(p.COMPAT_PREFIX + base64.b64encode(float_to_pcm16(audio)).decode("ascii"))
             self.steps_sent += len(seqs)
 
 
-def parse_temperatures(query) -> dict[str, float]:
+def parse_temperatures(query: Mapping[str, str]) -> dict[str, float]:
     """The original's query parameters -> sampling changes; ValueError says which one is wrong."""
     changes: dict[str, float] = {}
     for name in TEMPERATURE_FIELDS:
@@ -112,5 +165,7 @@ def parse_temperatures(query) -> dict[str, float]:
                 changes[name] = float(query[name])
             except ValueError:
                 raise ValueError(f"{name} must be a number, got {query[name]!r}") from None
+            if not math.isfinite(changes[name]):
+                raise ValueError(f"{name} must be a finite number, got {query[name]!r}")
     SamplingSettings().replace(**changes)  # range checks
     return changes

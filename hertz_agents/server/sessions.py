@@ -1,8 +1,13 @@
-"""Server-side conversations: one WebSocket, one engine slot, ended for one reason.
+"""Server-side conversations: one WebSocket, one backend slot, ended for one reason.
 
-:class:`Connection` holds what the native and the compatibility endpoints share: the send
-queue, the end of a session (a reason, a close code, a final message) and the clean-up that
-frees the slot whatever happens. :class:`NativeSession` speaks ``protocol.py``.
+:class:`Connection` holds what the native and the compatibility endpoints share: the admission
+check, the slot (a :class:`~hertz_agents.loop_slot.LoopSlot`), the one receive loop with its
+idle and session-length limits, the send queue, the end of a session (a reason, a close code, a
+final message) and the clean-up that frees the slot whatever happens. The endpoints subclass it:
+``native.py`` speaks ``hertz_agents.remote.protocol``, ``compat.py`` the original's protocol.
+
+A connection sees the server only through :class:`ConnectionHost`, a narrow interface, so this
+module does not import the application that serves it.
 """
 
 from __future__ import annotations
@@ -12,25 +17,74 @@ import asyncio
 import contextlib
 import logging
 import time
-import uuid
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import Any, Protocol
 
+import numpy as np
 from aiohttp import WSMsgType, web
 
 from hertz_agents.audio import to_float32
+from hertz_agents.backend import Backend
 from hertz_agents.errors import AudioInputError, EngineFull, SessionClosed
+from hertz_agents.loop_slot import LoopSlot, StepResult
+from hertz_agents.remote import protocol as p
 from hertz_agents.resample import Rechunker
-from hertz_agents.server import protocol as p
-from hertz_agents.server.bridge import SlotBridge, StepResult
-from hertz_agents.timing import SAMPLE_RATE, SAMPLES_PER_STEP
+from hertz_agents.sampling import SamplingSettings
+from hertz_agents.server.guards import TokenBucket
+from hertz_agents.server.prometheus import ServerMetrics
+from hertz_agents.server.prompts import PromptCatalogue
+from hertz_agents.timing import SAMPLES_PER_STEP, STEP_SECONDS
 
-if TYPE_CHECKING:
-    from hertz_agents.server.app import HertzServer
+__all__ = ["Connection", "ConnectionHost", "SessionEnd"]
 
 log = logging.getLogger(__name__)
 
 FLUSH_TIMEOUT = 1.0  # for the last messages before a close
+
+
+class ConnectionHost(Protocol):
+    """What a connection may use of the server that accepted it."""
+
+    @property
+    def backend(self) -> Backend:
+        """The engine every connection takes its slot from."""
+        ...
+
+    @property
+    def limits(self) -> p.Limits:
+        """The limits every session is held to."""
+        ...
+
+    @property
+    def metrics(self) -> ServerMetrics:
+        """The server's figures."""
+        ...
+
+    @property
+    def prompts(self) -> PromptCatalogue:
+        """The prompts the server knows."""
+        ...
+
+    def admission_refusal(self) -> p.ProtocolError | None:
+        """Why a new session cannot start now (draining, full), or None when it can."""
+        ...
+
+    def full_refusal(self) -> p.ProtocolError:
+        """The one "every slot is taken" refusal."""
+        ...
+
+    def info_summary(self) -> dict[str, Any]:
+        """The server's figures for a metrics reply."""
+        ...
+
+    def attach(self, connection: Connection) -> None:
+        """A connection begins (counted until :meth:`detach`)."""
+        ...
+
+    def detach(self, connection: Connection) -> None:
+        """A connection has ended and freed its slot."""
+        ...
 
 
 @dataclass
@@ -44,42 +98,67 @@ class SessionEnd(Exception):
 
     @classmethod
     def from_error(cls, e: p.ProtocolError) -> SessionEnd:
+        """The end a protocol error causes."""
         return cls(e.code.value, e.code.close_code, str(e), e.code)
 
 
 class Connection(abc.ABC):
-    """One WebSocket that holds (or is about to hold) an engine slot."""
+    """One WebSocket that holds (or is about to hold) a backend slot."""
 
     endpoint = "session"
 
-    def __init__(self, server: HertzServer, ws: web.WebSocketResponse) -> None:
-        self.server, self.ws = server, ws
-        self.limits = server.config.limits
-        self.bridge: SlotBridge | None = None
+    def __init__(self, host: ConnectionHost, ws: web.WebSocketResponse) -> None:
+        self.host, self.ws = host, ws
+        self.limits = host.limits
+        self.slot: LoopSlot | None = None
+        self._released = False
         self._outbox: asyncio.Queue[bytes | str | None] = asyncio.Queue()
-        self._sender: asyncio.Task | None = None
+        self._sender: asyncio.Task[None] | None = None
         self._end: SessionEnd | None = None
-        self._closer: asyncio.Task | None = None
+        self._closer: asyncio.Task[None] | None = None
         self._chunker = Rechunker(SAMPLES_PER_STEP)
         self.steps_sent = 0
+        self.peer = ""  # the client's address, for per-peer budgets
+        self.transport: asyncio.Transport | None = None  # to cut a flooding client off
+        lim = self.limits
+        self._audio_budget = _bucket(lim.audio_messages_per_second, lim.audio_messages_per_second)
+        self._control_budget = _bucket(lim.control_messages_per_second, lim.control_burst)
+        self._step_budget = _bucket(1 / STEP_SECONDS, lim.step_burst)
+        self._sending_since: float | None = None  # a send waits for the client to read
+        # Steps the engine answered before begin() sent its first message (the slot opens on a
+        # thread and may step before this task resumes): held, so no audio precedes "started".
+        self._early_steps: list[StepResult] | None = []
 
     @property
     def started(self) -> bool:
-        return self.bridge is not None and self.bridge.handle is not None
+        """The connection holds (or held) a slot."""
+        return self.slot is not None and self.slot.handle is not None
 
     # -- lifecycle --------------------------------------------------------------------------
     async def run(self) -> None:
-        self.server.connections.add(self)
+        """Serve the connection until it ends, then free everything it holds."""
+        self.host.attach(self)
         self._sender = asyncio.create_task(self._send_loop())
         try:
-            await self.serve()
+            await self.begin()
+            early, self._early_steps = self._early_steps or [], None
+            for result in early:
+                self._on_step(result)
+            await self._receive_loop()
             self._request_end(SessionEnd("disconnect"))
         except SessionEnd as end:
             self._request_end(end)
-        except Exception as e:
+        except Exception:
             log.exception("session failed")
-            self._request_end(SessionEnd(p.ErrorCode.INTERNAL.value, 1011, f"internal server error: {e}",
-                                         p.ErrorCode.INTERNAL))
+            # The exception's text stays in the server's log: it may describe the server's insides.
+            self._request_end(
+                SessionEnd(
+                    p.ErrorCode.INTERNAL.value,
+                    1011,
+                    "internal server error; the server's log has the details",
+                    p.ErrorCode.INTERNAL,
+                )
+            )
         finally:
             if self._closer is not None:
                 with contextlib.suppress(Exception):
@@ -87,12 +166,15 @@ class Connection(abc.ABC):
             self._release()
             if self._sender is not None:
                 self._sender.cancel()
-            self.server.connections.discard(self)
-            self.server.connection_changed()
+            self.host.detach(self)
 
     @abc.abstractmethod
-    async def serve(self) -> None:
-        """Read the client's messages until the session ends (each protocol its own)."""
+    async def begin(self) -> None:
+        """Start the session in this protocol's way, ending with :meth:`open_slot`."""
+
+    @abc.abstractmethod
+    def on_message(self, binary: bool, data: Any) -> bool:
+        """Handle one client message; True when it was audio (it resets the idle timer)."""
 
     def end(self, end: SessionEnd) -> None:
         """Ask the session to end (from the loop: drain, a slow client, a failed step)."""
@@ -111,22 +193,30 @@ class Connection(abc.ABC):
 
     def _release(self) -> None:
         """Free the slot and count the ending, exactly once."""
-        if self.bridge is not None and not self.bridge.closed:
-            self.bridge.close()
-            if self.bridge.handle is not None:
-                self.server.metrics.ended[self._end.reason if self._end else "disconnect"] += 1
-                self.server.metrics.dropped["rate"] += self.bridge.rate_dropped
+        if self.slot is not None and not self._released:
+            self._released = True
+            self.slot.close()
+            if self.slot.handle is not None:
+                reason = self._end.reason if self._end else "disconnect"
+                self.host.metrics.ended[reason] += 1
+                self.host.metrics.dropped["rate"] += self.slot.rate_dropped
 
     async def _close(self, end: SessionEnd) -> None:
         self._outbox.put_nowait(None)
         if self._sender is not None and not self.ws.closed:
             with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError, Exception):
                 await asyncio.wait_for(asyncio.shield(self._sender), FLUSH_TIMEOUT)
+        if self.transport is not None and end.error in _CUT_OFF:
+            # A graceful close would read (and parse) a flood until the client's close frame; a
+            # client that stopped reading never takes the close frame (the send would wait forever).
+            self.transport.abort()
+            return
         with contextlib.suppress(Exception):
             await self.ws.close(code=end.close_code, message=end.reason.encode()[:120])
 
     # -- sending ----------------------------------------------------------------------------
     def send(self, item: bytes | str) -> None:
+        """Queue a message, unless the session is ending."""
         if self._end is None:
             self._outbox.put_nowait(item)
 
@@ -136,6 +226,7 @@ class Connection(abc.ABC):
 
     @property
     def backlog(self) -> int:
+        """Messages queued and not yet sent."""
         return self._outbox.qsize()
 
     async def _send_loop(self) -> None:
@@ -143,6 +234,7 @@ class Connection(abc.ABC):
             item = await self._outbox.get()
             if item is None or self.ws.closed:
                 return
+            self._sending_since = time.monotonic()
             try:
                 if isinstance(item, bytes):
                     await self.ws.send_bytes(item)
@@ -150,166 +242,193 @@ class Connection(abc.ABC):
                     await self.ws.send_str(item)
             except (ConnectionError, RuntimeError):
                 return
+            finally:
+                self._sending_since = None
 
-    # -- audio in ---------------------------------------------------------------------------
-    def pcm_steps(self, data: bytes) -> list:
+    # -- receiving --------------------------------------------------------------------------
+    async def _receive_loop(self) -> None:
+        """The one loop every endpoint reads its client with, once the slot is open."""
+        idle_deadline = time.monotonic() + self.limits.idle_timeout
+        while True:
+            msg = await self._receive(idle_deadline)
+            if msg.type in (WSMsgType.BINARY, WSMsgType.TEXT):
+                binary = msg.type == WSMsgType.BINARY
+                self._check_message_rate(self.is_audio(binary))
+                if self.on_message(binary, msg.data):
+                    idle_deadline = time.monotonic() + self.limits.idle_timeout
+            elif msg.type == WSMsgType.ERROR and isinstance(msg.data, asyncio.TimeoutError):
+                # aiohttp's heartbeat got no pong: the peer is gone, it sent nothing wrong.
+                raise SessionEnd("heartbeat_timeout", p.CLOSE_GOING_AWAY, "no answer to pings")
+            elif msg.type == WSMsgType.ERROR:
+                raise SessionEnd(
+                    p.ErrorCode.BAD_REQUEST.value,
+                    1009,
+                    f"bad message: {msg.data}",
+                    p.ErrorCode.BAD_REQUEST,
+                )
+            else:  # CLOSE, CLOSING, CLOSED: the client went away
+                return
+
+    def is_audio(self, binary: bool) -> bool:
+        """Whether a message counts against the audio budget (else the control budget)."""
+        return binary
+
+    def _check_message_rate(self, audio: bool) -> None:
+        budget = self._audio_budget if audio else self._control_budget
+        if budget is None or budget.take():
+            return
+        lim = self.limits
+        rate = (
+            f"{lim.audio_messages_per_second:g} audio messages"
+            if audio
+            else f"{lim.control_messages_per_second:g} control messages"
+        )
+        raise self._reject(
+            p.ProtocolError(
+                p.ErrorCode.RATE_LIMITED,
+                f"this server takes at most {rate} a second per session; send audio in "
+                "messages of 20 ms or more and control messages only when something changes",
+            )
+        )
+
+    def submit_step(self, step: np.ndarray) -> int | None:
+        """Hand one input step to the slot, unless it runs beyond the step budget (dropped)."""
+        assert self.slot is not None
+        if self._step_budget is not None and not self._step_budget.take():
+            self.slot.rate_dropped += 1  # counted with the slot's own rate drops
+            return None
+        return self.slot.submit(step)
+
+    async def _receive(self, deadline_idle: float) -> Any:
+        """The next message, or a SessionEnd on the idle or session-length limit."""
+        assert self.slot is not None
+        session_deadline = self.slot.opened_at + self.limits.max_session_seconds
+        timeout = min(deadline_idle, session_deadline) - time.monotonic()
+        try:
+            return await self.ws.receive(timeout=max(timeout, 0.001))
+        except asyncio.TimeoutError:
+            if time.monotonic() >= session_deadline:
+                raise SessionEnd(
+                    p.ErrorCode.SESSION_LIMIT.value,
+                    p.CLOSE_NORMAL,
+                    f"sessions last at most {self.limits.max_session_seconds:g} s on this server; "
+                    "open a new one",
+                    p.ErrorCode.SESSION_LIMIT,
+                ) from None
+            raise SessionEnd(
+                p.ErrorCode.TIMEOUT.value,
+                1008,
+                f"no audio for {self.limits.idle_timeout:g} s; send audio (silence included) "
+                "continuously",
+                p.ErrorCode.TIMEOUT,
+            ) from None
+
+    def pcm_steps(self, data: bytes) -> list[np.ndarray]:
         """Validated int16 PCM -> the complete 16 kHz steps it finishes."""
         try:
             return self._chunker.push(to_float32(data, 1)[:, 0])
         except AudioInputError as e:
             raise SessionEnd.from_error(p.ProtocolError(p.ErrorCode.BAD_AUDIO, str(e))) from None
 
-    async def receive(self, deadline_idle: float) -> Any:
-        """The next message, or a SessionEnd on the idle or session-length limit."""
-        assert self.bridge is not None
-        session_deadline = self.bridge.opened_at + self.limits.max_session_seconds
-        timeout = min(deadline_idle, session_deadline) - time.monotonic()
+    # -- the slot ---------------------------------------------------------------------------
+    async def resolve_prompt(self, prompt: p.Prompt | None) -> Path | np.ndarray | None:
+        """A start's prompt -> what the engine takes, or SessionEnd saying why it is refused."""
+        if prompt is not None and prompt.audio is not None:
+            # Decoding is the expensive part: refuse first when no slot could take the session.
+            refusal = self.host.admission_refusal()
+            if refusal is not None:
+                raise self._reject(refusal)
         try:
-            return await self.ws.receive(timeout=max(timeout, 0.001))
-        except asyncio.TimeoutError:
-            if time.monotonic() >= session_deadline:
-                raise SessionEnd(p.ErrorCode.SESSION_LIMIT.value, p.CLOSE_NORMAL,
-                                 f"sessions last at most {self.limits.max_session_seconds:g} s on this server; "
-                                 "open a new one", p.ErrorCode.SESSION_LIMIT) from None
-            raise SessionEnd(p.ErrorCode.TIMEOUT.value, 1008,
-                             f"no audio for {self.limits.idle_timeout:g} s; send audio (silence included) "
-                             "continuously", p.ErrorCode.TIMEOUT) from None
+            return await self.host.prompts.resolve(prompt, self.peer)
+        except p.ProtocolError as e:
+            raise self._reject(e) from None
 
-    async def open_slot(self, *, sampling, prompt, seed) -> None:
+    async def open_slot(
+        self, *, sampling: SamplingSettings, prompt: Path | np.ndarray | None, seed: int | None
+    ) -> LoopSlot:
         """Take a slot, or raise SessionEnd saying why not."""
-        server = self.server
-        if server.draining:
-            raise self._reject(p.ErrorCode.DRAINING, "this server is shutting down; connect to another one")
-        if server.engine.active_sessions >= server.engine.max_sessions:
-            raise self._reject(p.ErrorCode.SERVER_FULL, server.full_message())
-        self.bridge = SlotBridge(server.engine, self._on_step, max_ahead_steps=self.limits.max_input_ahead_steps)
+        refusal = self.host.admission_refusal()
+        if refusal is not None:
+            raise self._reject(refusal)
+        slot = LoopSlot(
+            self._on_step,
+            on_closed=self._on_backend_closed,
+            max_ahead_steps=self.limits.max_input_ahead_steps,
+        )
+        self.slot = slot
+        slot.start(self.host.backend, sampling=sampling, prompt=prompt, seed=seed)
         try:
-            await self.bridge.open(sampling=sampling, prompt=prompt, seed=seed)
+            await slot.wait_open()
         except EngineFull:
-            self.bridge = None
-            raise self._reject(p.ErrorCode.SERVER_FULL, server.full_message()) from None
-        except SessionClosed:
-            self.bridge = None
-            raise self._reject(p.ErrorCode.DRAINING, "the engine is closed; this server is shutting down") from None
+            self.slot = None
+            raise self._reject(self.host.full_refusal()) from None
+        except SessionClosed as e:
+            self.slot = None
+            raise self._reject(
+                p.ProtocolError(
+                    p.ErrorCode.DRAINING, f"the engine is closed ({e}); connect to another server"
+                )
+            ) from None
         except AudioInputError as e:
-            self.bridge = None
-            raise self._reject(p.ErrorCode.BAD_PROMPT, f"the prompt cannot be used: {e}") from None
-        server.metrics.started[self.endpoint] += 1
+            self.slot = None
+            raise self._reject(
+                p.ProtocolError(p.ErrorCode.BAD_PROMPT, f"the prompt cannot be used: {e}")
+            ) from None
+        self.host.metrics.started[self.endpoint] += 1
+        return slot
 
-    def _reject(self, code: p.ErrorCode, message: str) -> SessionEnd:
-        self.server.metrics.rejected[code.value] += 1
-        return SessionEnd.from_error(p.ProtocolError(code, message))
+    def _on_backend_closed(self, error: BaseException) -> None:
+        """The backend ended an open slot (its engine stopped): end the session at once."""
+        if self.slot is None or self.slot.handle is None:
+            return  # the slot never opened: open_slot reports that failure itself
+        self._request_end(
+            SessionEnd(
+                "engine_stopped",
+                1011,
+                f"the engine stopped ({error}); reconnect to another server",
+                p.ErrorCode.INTERNAL,
+            )
+        )
+
+    def _reject(self, error: p.ProtocolError) -> SessionEnd:
+        self.host.metrics.rejected[error.code.value] += 1
+        return SessionEnd.from_error(error)
 
     def _on_step(self, result: StepResult) -> None:
-        metrics = self.server.metrics
+        metrics = self.host.metrics
         metrics.observe_step(result.compute_ms, result.latency_ms, result.seq is None)
         if result.dropped:
             metrics.dropped["backlog"] += len(result.dropped)
         if self._end is not None:
             return
+        if self._early_steps is not None:
+            self._early_steps.append(result)
+            return
         self.deliver(result)
-        if self.backlog > self.limits.max_output_backlog_steps:
-            self._request_end(SessionEnd(
-                p.ErrorCode.CLIENT_TOO_SLOW.value, 1008,
-                f"the client fell {self.limits.max_output_backlog_steps} steps behind reading its audio",
-                p.ErrorCode.CLIENT_TOO_SLOW))
+        stalled = self._sending_since is not None and (
+            time.monotonic() - self._sending_since > self.limits.max_send_stall_seconds > 0
+        )
+        if stalled or self.backlog > self.limits.max_output_backlog_steps:
+            self._request_end(
+                SessionEnd(
+                    p.ErrorCode.CLIENT_TOO_SLOW.value,
+                    1008,
+                    "the client stopped reading its audio (a send waited "
+                    f"{self.limits.max_send_stall_seconds:g} s, or "
+                    f"{self.limits.max_output_backlog_steps} steps are queued)",
+                    p.ErrorCode.CLIENT_TOO_SLOW,
+                )
+            )
 
     @abc.abstractmethod
     def deliver(self, result: StepResult) -> None:
         """Send one step's answer in this protocol's framing."""
 
 
-class NativeSession(Connection):
-    """``/v1/session``: the hertz-agents protocol (see protocol.py)."""
+_CUT_OFF = (p.ErrorCode.RATE_LIMITED, p.ErrorCode.CLIENT_TOO_SLOW)
+"""Ends whose connection is aborted rather than closed with a close frame."""
 
-    def on_end(self, end: SessionEnd) -> None:
-        if end.reason in ("disconnect",):
-            return
-        if end.error is not None and not (end.error == p.ErrorCode.SESSION_LIMIT):
-            self.send_final(p.encode(p.Error(end.error.value, end.message)))
-        else:
-            self.send_final(p.encode(p.Ended(end.reason, self.steps_sent)))
 
-    async def serve(self) -> None:
-        start = await self._start()
-        server = self.server
-        prompt = await server.resolve_prompt(start.prompt)
-        await self.open_slot(sampling=start.sampling, prompt=prompt, seed=start.seed)
-        assert self.bridge is not None
-        self.send(p.encode(p.Started(
-            session_id=uuid.uuid4().hex, version=p.PROTOCOL_VERSION, sample_rate=SAMPLE_RATE,
-            samples_per_step=SAMPLES_PER_STEP, max_sessions=server.engine.max_sessions,
-            active_sessions=server.engine.active_sessions, sampling=p.sampling_to_dict(self.bridge.sampling),
-            limits=self.limits.to_dict())))
-        idle_deadline = time.monotonic() + self.limits.idle_timeout
-        while True:
-            msg = await self.receive(idle_deadline)
-            if msg.type == WSMsgType.BINARY:
-                idle_deadline = time.monotonic() + self.limits.idle_timeout
-                self._audio(msg.data)
-            elif msg.type == WSMsgType.TEXT:
-                self._control(msg.data)
-            elif msg.type == WSMsgType.ERROR:
-                raise SessionEnd(p.ErrorCode.BAD_REQUEST.value, 1009, f"bad message: {msg.data}",
-                                 p.ErrorCode.BAD_REQUEST)
-            else:  # CLOSE, CLOSING, CLOSED: the client went away
-                return
-
-    async def _start(self) -> p.Start:
-        try:
-            msg = await self.ws.receive(timeout=self.limits.start_timeout)
-        except asyncio.TimeoutError:
-            raise SessionEnd.from_error(p.ProtocolError(
-                p.ErrorCode.TIMEOUT, f"send the start message within {self.limits.start_timeout:g} s")) from None
-        if msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED):
-            raise SessionEnd("disconnect")
-        if msg.type != WSMsgType.TEXT:
-            raise SessionEnd.from_error(p.ProtocolError(p.ErrorCode.BAD_REQUEST,
-                                                        "the first message must be a JSON start message"))
-        try:
-            message = p.parse_client_message(msg.data, self.limits)
-        except p.ProtocolError as e:
-            self.server.metrics.rejected[e.code.value] += 1
-            raise SessionEnd.from_error(e) from None
-        if not isinstance(message, p.Start):
-            raise self._reject(p.ErrorCode.BAD_REQUEST, f"the first message must be a start, got {message.type!r}")
-        return message
-
-    def _audio(self, data: bytes) -> None:
-        assert self.bridge is not None
-        try:
-            p.check_input_frame(data, self.limits)
-        except p.ProtocolError as e:
-            raise SessionEnd.from_error(e) from None
-        for step in self.pcm_steps(data):
-            try:
-                self.bridge.submit(step)
-            except SessionClosed:
-                raise SessionEnd(p.ErrorCode.INTERNAL.value, 1011, "the engine closed this session",
-                                 p.ErrorCode.INTERNAL) from None
-
-    def _control(self, text: str) -> None:
-        assert self.bridge is not None
-        if len(text) > self.limits.max_control_bytes:
-            raise SessionEnd.from_error(p.ProtocolError(
-                p.ErrorCode.BAD_REQUEST, f"control messages hold at most {self.limits.max_control_bytes} bytes"))
-        try:
-            message = p.parse_client_message(text, self.limits)
-            if isinstance(message, p.Settings):
-                settings = p.apply_sampling(self.bridge.sampling, message.sampling)
-                self.bridge.update_sampling(settings)
-                self.send(p.encode(p.SettingsApplied(p.sampling_to_dict(settings))))
-            elif isinstance(message, p.MetricsRequest):
-                session = p.json_safe(self.bridge.metrics.snapshot())
-                session["rate_dropped_steps"] = self.bridge.rate_dropped
-                self.send(p.encode(p.MetricsReply(session, self.server.info_summary())))
-            elif isinstance(message, p.End):
-                raise SessionEnd("client")
-            else:
-                raise p.ProtocolError(p.ErrorCode.BAD_REQUEST, "the session has already started")
-        except p.ProtocolError as e:
-            raise SessionEnd.from_error(e) from None
-
-    def deliver(self, result: StepResult) -> None:
-        self.send(p.encode_output(result.step, result.seq, result.compute_ms, result.queue_ms, result.audio))
-        self.steps_sent += 1
+def _bucket(rate: float, burst: float) -> TokenBucket | None:
+    """A budget of ``rate`` a second with ``burst``; None when the limit is off (rate 0)."""
+    return TokenBucket(rate, max(burst, 1)) if rate > 0 else None

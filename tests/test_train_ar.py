@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+import soundfile as sf
 import torch
 from train_fixtures import ar_overrides, codec_overrides, write_corpus
 
@@ -33,7 +34,9 @@ def _cfg(corpus: Path, out: Path, codec_dir: Path, steps: int = 4, *extra: str):
     return load_ar_config("small_ar", [*ar_overrides(corpus, out, codec_dir, steps), *extra])
 
 
-def test_losses_at_t_ignore_latents_after_t_plus_1(corpus: Path, codec_dir: Path, tmp_path: Path) -> None:
+def test_losses_at_t_ignore_latents_after_t_plus_1(
+    corpus: Path, codec_dir: Path, tmp_path: Path
+) -> None:
     """Changing latent k changes no loss term at positions before k - 1: the trunk at t sees
     latents <= t and predicts token t+1; the resynthesizer sees the code of t+1 and predicts it."""
     torch.manual_seed(0)
@@ -50,7 +53,9 @@ def test_losses_at_t_ignore_latents_after_t_plus_1(corpus: Path, codec_dir: Path
     assert not torch.allclose(nll[:, k - 1], nll2[:, k - 1])  # the target itself moved
 
 
-def test_ar_phase_trains_and_exports_a_full_model(corpus: Path, codec_dir: Path, tmp_path: Path) -> None:
+def test_ar_phase_trains_and_exports_a_full_model(
+    corpus: Path, codec_dir: Path, tmp_path: Path
+) -> None:
     final = train_ar(_cfg(corpus, tmp_path / "run", codec_dir, 6, "optim.lr=3e-3"))
     net = load_model(str(final), device="cpu", dtype=torch.float32)
     meta = json.loads((final / "config.json").read_text())
@@ -64,6 +69,20 @@ def test_ar_phase_trains_and_exports_a_full_model(corpus: Path, codec_dir: Path,
         torch.testing.assert_close(codec[k], v)
     train = [r for r in read_log(tmp_path / "run" / "log.jsonl") if r["split"] == "train"]
     assert train[-1]["loss"] < train[0]["loss"]
+    # Validation: a baseline at step 0, codebook usage, the best step kept, samples to hear.
+    val = [r for r in read_log(tmp_path / "run" / "log.jsonl") if r["split"] == "val"]
+    assert [r["step"] for r in val] == [0, 2, 4, 6]
+    assert all(
+        1 <= r["tokens_used"] <= 16 and 1 <= r["token_perplexity"] <= r["tokens_used"] for r in val
+    )
+    best = min(val[1:], key=lambda r: r["ce"])
+    best_meta = json.loads((tmp_path / "run" / "best" / "config.json").read_text())["training"]
+    assert best_meta["best"]["metric"] == "ce" and best_meta["best"]["step"] == best["step"]
+    assert best_meta["best"]["value"] == pytest.approx(best["ce"], abs=1e-6)  # the log rounds
+    for step in (0, 2, 4, 6):
+        for name in ("continuation", "roundtrip"):
+            audio, rate = sf.read(tmp_path / "run" / "samples" / f"step_{step:07d}" / f"{name}.wav")
+            assert rate == 16000 and audio.shape == (16000, 2)  # 1 s, one channel per speaker
 
 
 def test_freeze_keeps_named_parts_fixed(corpus: Path, codec_dir: Path, tmp_path: Path) -> None:
@@ -77,14 +96,20 @@ def test_freeze_keeps_named_parts_fixed(corpus: Path, codec_dir: Path, tmp_path:
             3,
             f'model.init_from="{start}"',
             'model.freeze=["codec","quantizer","ar"]',
+            "ar.dim=64",  # ignored: init_from's sizes win, and the record must say so
         )
     )
     after = load_model(str(final)).state_dict()
+    # The recipe recorded with the model describes the model saved (init_from's sizes).
+    recorded = json.loads((final / "config.json").read_text())["training"]["config"]
+    assert recorded["ar"] == json.loads((start / "config.json").read_text())["ar"]
     for k in before:
         same = torch.equal(before[k], after[k])
         if k.startswith(("codec.", "ar.", "resynthesizer.quantizer.")):
             assert same, k
-    assert not all(torch.equal(before[k], after[k]) for k in before if k.startswith("resynthesizer.stack."))
+    assert not all(
+        torch.equal(before[k], after[k]) for k in before if k.startswith("resynthesizer.stack.")
+    )
 
 
 def test_freeze_rejects_unknown_parts(corpus: Path, codec_dir: Path) -> None:
@@ -93,10 +118,17 @@ def test_freeze_rejects_unknown_parts(corpus: Path, codec_dir: Path) -> None:
         freeze(net, ("trunk",))
 
 
-def test_ar_resume_matches_an_uninterrupted_run(corpus: Path, codec_dir: Path, tmp_path: Path) -> None:
+def test_ar_resume_matches_an_uninterrupted_run(
+    corpus: Path, codec_dir: Path, tmp_path: Path
+) -> None:
     full = train_ar(_cfg(corpus, tmp_path / "full", codec_dir, 4, 'model.latents="sample"'))
-    train_ar(_cfg(corpus, tmp_path / "cut", codec_dir, 4, 'model.latents="sample"', "run.stop_at_step=2"))
-    resumed = train_ar(_cfg(corpus, tmp_path / "cut", codec_dir, 4, 'model.latents="sample"'), resume=tmp_path / "cut")
+    train_ar(
+        _cfg(corpus, tmp_path / "cut", codec_dir, 4, 'model.latents="sample"', "run.stop_at_step=2")
+    )
+    resumed = train_ar(
+        _cfg(corpus, tmp_path / "cut", codec_dir, 4, 'model.latents="sample"'),
+        resume=tmp_path / "cut",
+    )
     a, b = load_model(str(full)).state_dict(), load_model(str(resumed)).state_dict()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
@@ -120,6 +152,16 @@ def test_latent_cache_is_reused_for_means_and_rebuilt_for_another_codec(
     assert stats.shape[1:] == (2, 8, 64)
     means = cached_latents(path, codec, data, 0, with_logvar=False, progress=False)
     torch.testing.assert_close(means, stats[:, 0])  # read from the same file, not encoded again
-    other = load_codec(_train_codec(load_codec_config("small_codec", codec_overrides(corpus, tmp_path / "c", steps=1))))
+    other = load_codec(
+        _train_codec(
+            load_codec_config("small_codec", codec_overrides(corpus, tmp_path / "c", steps=1))
+        )
+    )
     again = cached_latents(path, other, data, 0, with_logvar=False, progress=False)
     assert again.shape == means.shape and not torch.equal(again, means)
+    # The same file names with other contents: encoded again, not read from the cache.
+    changed = write_corpus(tmp_path / "changed", seed=7)
+    same_names = AudioSegmentDataset(changed / "train", 2, 1.0, random_crop=False)
+    assert [f.path.name for f in same_names.files] == [f.path.name for f in data.files]
+    fresh = cached_latents(path, other, same_names, 0, with_logvar=False, progress=False)
+    assert not torch.equal(fresh, again)

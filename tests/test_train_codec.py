@@ -21,7 +21,9 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _train(corpus: Path, out: Path, steps: int, resume: Path | None = None, stop: int = 0) -> Path:
-    cfg = load_codec_config("small_codec", [*codec_overrides(corpus, out, steps), f"run.stop_at_step={stop}"])
+    cfg = load_codec_config(
+        "small_codec", [*codec_overrides(corpus, out, steps), f"run.stop_at_step={stop}"]
+    )
     return train_codec(cfg, resume=resume)
 
 
@@ -34,9 +36,14 @@ def test_codec_phase_trains_and_exports_a_loadable_codec(corpus: Path, tmp_path:
     records = read_log(tmp_path / "run" / "log.jsonl")
     train = [r for r in records if r["split"] == "train"]
     assert [r["step"] for r in train] == [1, 2, 3, 4]
-    assert all(k in train[-1] for k in ("mel", "spectral", "kl", "adversarial", "feature", "disc"))  # critics on
+    assert all(
+        k in train[-1] for k in ("mel", "spectral", "kl", "adversarial", "feature", "disc")
+    )  # critics on
     val = [r for r in records if r["split"] == "val"]
     assert val and all(torch.isfinite(torch.tensor(r["mel_distance"])) for r in val)
+    for name in ("original", "roundtrip"):  # samples to listen to at each validation
+        assert (tmp_path / "run" / "samples" / "step_0000004" / f"{name}.wav").exists()
+    assert (tmp_path / "run" / "best" / "codec.safetensors").exists()
     # The inference model has plain weights: no weight-norm parametrizations in the export.
     assert not any("parametrizations" in k for k in codec.state_dict())
 

@@ -14,7 +14,9 @@ from hertz_agents.train.loop import make_optimizer, make_scheduler
 
 
 def test_overrides_parse_toml_values_and_bare_strings() -> None:
-    got = parse_overrides(["optim.lr=3e-4", "run.device=cpu", 'model.freeze=["codec","ar"]', "log.plot=false"])
+    got = parse_overrides(
+        ["optim.lr=3e-4", "run.device=cpu", 'model.freeze=["codec","ar"]', "log.plot=false"]
+    )
     assert got == {
         "optim": {"lr": 3e-4},
         "run": {"device": "cpu"},
@@ -33,7 +35,12 @@ def test_unknown_tables_and_keys_are_errors_naming_the_known_ones(tmp_path: Path
 
 
 def test_shipped_recipes_load_and_the_small_vocab_matches_its_codebook() -> None:
-    assert {p.stem for p in CONFIG_DIR.glob("*.toml")} >= {"small_codec", "small_ar", "finetune_ar", "codec"}
+    assert {p.stem for p in CONFIG_DIR.glob("*.toml")} >= {
+        "small_codec",
+        "small_ar",
+        "finetune_ar",
+        "codec",
+    }
     for p in CONFIG_DIR.glob("*.toml"):
         (load_codec_config if "codec" in p.stem else load_ar_config)(p)
     ar = load_ar_config("small_ar")
@@ -46,7 +53,9 @@ def test_shipped_recipes_load_and_the_small_vocab_matches_its_codebook() -> None
 def test_schedule_warms_up_then_decays_to_the_floor() -> None:
     import torch
 
-    cfg = load_ar_config(None, ["optim.steps=100", "optim.warmup_steps=10", "optim.lr=1.0", "optim.min_lr_ratio=0.1"])
+    cfg = load_ar_config(
+        None, ["optim.steps=100", "optim.warmup_steps=10", "optim.lr=1.0", "optim.min_lr_ratio=0.1"]
+    )
     opt = make_optimizer([torch.nn.Parameter(torch.zeros(2, 2))], cfg.optim)
     sched = make_scheduler(opt, cfg.optim)
     lrs = []
@@ -55,15 +64,22 @@ def test_schedule_warms_up_then_decays_to_the_floor() -> None:
         opt.step()
         sched.step()
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
-    assert lrs[-1] == pytest.approx(0.1, abs=1e-3) and all(a >= b for a, b in zip(lrs[9:], lrs[10:], strict=False))
+    assert lrs[-1] == pytest.approx(0.1, abs=1e-3) and all(
+        a >= b for a, b in zip(lrs[9:], lrs[10:], strict=False)
+    )
 
 
 def test_train_commands_parse() -> None:
     parser = argparse.ArgumentParser(prog="hertz-agents")
     add_train_commands(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["train", "ar", "--config", "small_ar", "--set", "optim.steps=5", "--resume"])
+    args = parser.parse_args(
+        ["train", "ar", "--config", "small_ar", "--set", "optim.steps=5", "--resume"]
+    )
     assert (
-        args.phase == "ar" and args.overrides == ["optim.steps=5"] and args.resume == "latest" and callable(args.func)
+        args.phase == "ar"
+        and args.overrides == ["optim.steps=5"]
+        and args.resume == "latest"
+        and callable(args.func)
     )
     args = parser.parse_args(["train", "small", "--ckpt", "x"])
     assert args.ckpt == "x" and args.func.__name__ == "run_small_command"

@@ -19,7 +19,9 @@ from hertz_agents.timing import SAMPLE_RATE, SAMPLES_PER_STEP
 from hertz_agents.train.data import AudioSegmentDataset, make_loader, set_epoch
 from hertz_agents.train.synth import generate_corpus, make_conversation
 
-needs_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng not installed")
+needs_espeak = pytest.mark.skipif(
+    shutil.which("espeak-ng") is None, reason="espeak-ng not installed"
+)
 SHORT = (4.0, 6.0)  # seconds: tiny conversations keep the tests fast
 
 
@@ -127,7 +129,8 @@ def folder(tmp_path: Path) -> Path:
 
 
 def test_segments_are_whole_steps_of_two_channels(folder: Path) -> None:
-    ds = AudioSegmentDataset(folder, channels=2, segment_seconds=1.3)  # 1.3 s rounds down to 10 steps
+    # 1.3 s rounds down to 10 steps
+    ds = AudioSegmentDataset(folder, channels=2, segment_seconds=1.3)
     assert ds.segment == 10 * SAMPLES_PER_STEP
     assert [f.path.name for f in ds.files] == ["a.wav", "b.flac"]
     assert len(ds) == 4 + 2  # 5.0 s and 3.2 s files give 4 and 2 segments of 1.25 s
@@ -152,7 +155,9 @@ def test_a_stereo_file_with_one_dead_channel_is_skipped_for_two_channels(tmp_pat
     audio = _stereo(3.0)
     audio[:, 1] = 0.0
     sf.write(tmp_path / "half.wav", audio, SAMPLE_RATE)
-    (reason,) = [r for _, r in AudioSegmentDataset(tmp_path, channels=2, segment_seconds=1.0).skipped]
+    (reason,) = [
+        r for _, r in AudioSegmentDataset(tmp_path, channels=2, segment_seconds=1.0).skipped
+    ]
     assert reason.startswith("channel 1")
     assert len(AudioSegmentDataset(tmp_path, channels=1, segment_seconds=1.0).files) == 1
 
@@ -217,7 +222,9 @@ def test_loader_batches_segments(folder: Path) -> None:
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
 def test_loader_shards_when_a_process_group_is_initialised(tmp_path: Path) -> None:
     # A real one-process gloo group: make_loader must notice it without being told.
-    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1
+    )
     try:
         ds = torch.utils.data.TensorDataset(torch.arange(10.0))
         loader = make_loader(ds, batch_size=4, shuffle=True, seed=1)

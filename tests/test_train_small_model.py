@@ -13,7 +13,9 @@ from hertz_agents.train.bench import measure_step
 from hertz_agents.train.config import load_ar_config, load_codec_config
 
 SMALL = ckpt_root() / DEFAULT_DIR_NAME
-pytestmark = pytest.mark.skipif(not (SMALL / "model.safetensors").exists(), reason="ckpt/hertz-small not built")
+pytestmark = pytest.mark.skipif(
+    not (SMALL / "model.safetensors").exists(), reason="ckpt/hertz-small not built"
+)
 
 
 def test_small_model_loads_as_default_and_is_under_30_mb() -> None:

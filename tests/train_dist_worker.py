@@ -4,6 +4,7 @@ each rank writes a digest of its weights so the test can check the replicas agre
 from __future__ import annotations
 
 import hashlib
+import os
 import sys
 from pathlib import Path
 
@@ -34,8 +35,15 @@ def main(corpus: Path, out: Path, strategy: str) -> None:
     codec_dir = trainer.fit()
     (out / f"codec_rank{rt.rank}.txt").write_text(digest(trainer.task.codec))  # type: ignore[attr-defined]
 
+    # Extra AR overrides, ";"-separated: to bisect a difference between strategies by hand.
+    extra = [s for s in os.environ.get("HERTZ_TEST_AR_EXTRA", "").split(";") if s]
     ar_cfg = load_ar_config(
-        "small_ar", [*ar_overrides(corpus, out / "ar", codec_dir, steps=3), f'run.strategy="{strategy}"']
+        "small_ar",
+        [
+            *ar_overrides(corpus, out / "ar", codec_dir, steps=3),
+            f'run.strategy="{strategy}"',
+            *extra,
+        ],
     )
     trainer = ar_trainer(ar_cfg, rt)
     trainer.fit()

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+from hertz_agents.engine.stepper import Stepper
 from hertz_agents.model.hertz import HertzModel
-from hertz_agents.sampling import SamplingSettings, SamplingTensors
 from hertz_agents.timing import SAMPLES_PER_STEP
 
 
@@ -35,13 +35,16 @@ class StepCost:
 
     @property
     def total_ms(self) -> float:
+        """Milliseconds one step takes for the whole batch: encode, transformers and decode."""
         return self.encode_ms + self.transformers_ms + self.decode_ms
 
     @property
     def per_session_ms(self) -> float:
+        """Milliseconds one step takes per session."""
         return self.total_ms / self.batch
 
     def as_dict(self) -> dict[str, float]:
+        """Return the costs as a dict for JSON, times rounded to the microsecond."""
         return {
             "batch": self.batch,
             "threads": self.threads,
@@ -54,38 +57,38 @@ class StepCost:
 
 
 @torch.inference_mode()
-def measure_step(net: HertzModel, batch: int = 1, steps: int = 40, warmup: int = 8, context: int = 64) -> StepCost:
+def measure_step(
+    net: HertzModel, batch: int = 1, steps: int = 40, warmup: int = 8, context: int = 64
+) -> StepCost:
     """Time ``steps`` streaming steps of ``batch`` sessions after ``context`` steps of history.
 
-    The caches are ``4 * context`` long: attention reads the whole preallocated cache each
-    step (static shapes), so its cost depends on the cache size, not on how far a call is.
+    The transformers run through the engine's :class:`~hertz_agents.engine.stepper.Stepper`
+    (only the channels a live step uses; attention over the live context), with caches of
+    ``4 * context`` positions.
     """
     net = net.eval()
     codec = net.codec
     param = next(net.parameters())
     enc_state = codec.initial_encoder_state(batch)
     dec_state = codec.initial_decoder_state(batch)
-    caches = net.new_caches(batch, 4 * context)
-    sampling = SamplingTensors.from_settings([SamplingSettings()] * batch)
+    stepper = Stepper(net, batch, 4 * context)
+    active = torch.ones(batch, dtype=torch.bool)
     latents = torch.randn(batch, context, net.channels * codec.config.latent_dim, dtype=param.dtype)
-    positions = torch.arange(context).expand(batch, context)
-    net.next_latents(latents, positions, caches, None, sampling)  # prefill
+    stepper.advance(latents, active)  # prefill
     audio = 0.05 * torch.randn(batch, 1, SAMPLES_PER_STEP, dtype=param.dtype)
     step_latent = latents[:, -1:]
     times: dict[str, list[float]] = {"encode": [], "transformers": [], "decode": []}
     for i in range(warmup + steps):
-        pos = torch.full((batch, 1), context + i)
         t0 = time.perf_counter()
         mu, enc_state = codec.encode_step(audio, enc_state)
         t1 = time.perf_counter()
-        nxt, _ = net.next_latents(step_latent, pos, caches, None, sampling)
+        own, _ = stepper.advance(step_latent, active)  # the model's channel: [batch, latent]
         t2 = time.perf_counter()
-        own = nxt[:, None, -codec.config.latent_dim :]
-        _, dec_state = codec.decode_step(own, dec_state)
+        _, dec_state = codec.decode_step(own[:, None], dec_state)
         t3 = time.perf_counter()
-        step_latent = nxt[:, None]
+        step_latent = own[:, None]
         if net.channels == 2:  # the caller's channel is what the encoder heard
-            step_latent = torch.cat((mu, own), dim=-1)
+            step_latent = torch.cat((mu, own[:, None]), dim=-1)
         if i >= warmup:
             times["encode"].append(t1 - t0)
             times["transformers"].append(t2 - t1)
@@ -104,9 +107,16 @@ def measure_step(net: HertzModel, batch: int = 1, steps: int = 40, warmup: int =
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Measure a step on the CPU for each thread count and batch, printing one JSON line each.
+
+    Returns:
+        The exit status, 0.
+    """
     from hertz_agents.checkpoint import load_model
 
-    p = argparse.ArgumentParser(prog="hertz_agents.train.bench", description=(__doc__ or "").split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="hertz_agents.train.bench", description=(__doc__ or "").split("\n\n")[0]
+    )
     p.add_argument("--model", default="default", help="model name or directory")
     p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+import types
+import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,12 +41,19 @@ class RunConfig:
     device: str = "auto"  # "auto" (CUDA when available), "cpu", "cuda", "cuda:1"
     precision: str = "auto"  # "auto" (bf16 autocast on CUDA, fp32 on CPU), "fp32", "bf16"
     threads: int = 0  # torch.set_num_threads per process; 0 leaves torch's default
-    strategy: str = "ddp"  # multi-process: "ddp" (replicas) or "fsdp" (sharded, for the full-size AR)
+    strategy: str = (
+        "ddp"  # multi-process: "ddp" (replicas) or "fsdp" (sharded, for the full-size AR)
+    )
     wandb: bool = False  # also log to Weights & Biases when the package is installed
     wandb_project: str = "hertz-agents"
     run_name: str = ""
     time_limit_minutes: float = 0.0  # stop (checkpoint and export) after this long; 0: no limit
     stop_at_step: int = 0  # stop (checkpoint and export) after this step, schedule unchanged; 0: no
+    # A step whose loss or gradient is NaN/inf is never applied. "stop": end the run there
+    # (exit 1, nothing saved, good checkpoints kept); "skip": drop the step and go on, stopping
+    # after `max_skipped_steps` such steps in a row.
+    on_nonfinite: str = "stop"
+    max_skipped_steps: int = 10
 
 
 @dataclass
@@ -76,6 +85,7 @@ class OptimConfig:
     schedule: str = "cosine"  # "cosine" or "constant"
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     grad_clip: float = 1.0  # max global grad norm; 0 disables
+    optimizer: str = "adamw"  # "adamw", "adamw_fused" (CUDA), "adamw_8bit" (needs bitsandbytes)
 
 
 @dataclass
@@ -87,7 +97,12 @@ class LogConfig:
     ckpt_every: int = 200
     keep_checkpoints: int = 2
     plot: bool = True  # write curves.png in the run folder at each validation
-    progress: bool = True  # tqdm bar on rank 0
+    progress: bool = True  # tqdm bar on rank 0; without it, one console line per log step
+    val_at_start: bool = True  # validate before the first step (the baseline of the curves)
+    best_metric: str = "auto"  # validation metric (lower is better) whose best step is kept in
+    # <out_dir>/best; "auto": ce (AR) or mel_distance (codec); "none": keep no best
+    early_stop_patience: int = 0  # stop after this many validations without a new best; 0: never
+    samples: bool = True  # write audio samples to <out_dir>/samples/step_N/ at each validation
 
 
 @dataclass
@@ -140,7 +155,26 @@ class ARModelConfig:
     split: bool = True  # two-channel (duplex) model; False: one channel, stereo mixed down
     freeze: tuple[str, ...] = ("codec",)  # any of "codec", "quantizer", "ar", "resynthesizer"
     latents: str = "mean"  # encode to the posterior "mean" or a posterior "sample"
-    cache_latents: bool = True  # encode the corpus once (needs latents = "mean" or caches mu/logvar)
+    cache_latents: bool = (
+        True  # encode the corpus once (needs latents = "mean" or caches mu/logvar)
+    )
+    checkpointing: bool = False  # recompute each transformer block in the backward (less memory)
+
+
+@dataclass
+class LoRAConfig:
+    """Low-rank adapters on the trunk's and resynthesizer's projections (rank 0: off).
+
+    With ``rank`` > 0 the base model is frozen (``model.freeze`` is ignored), held in
+    ``base_dtype``, and only the adapters train, save and export (see :mod:`hertz_agents.lora`).
+    """
+
+    rank: int = 0
+    alpha: float = 0.0  # scale = alpha / rank; 0: alpha = rank (scale 1)
+    dropout: float = 0.0
+    targets: tuple[str, ...] = ("proj_qkv", "attn_out", "gateup_proj", "down_proj")
+    parts: tuple[str, ...] = ("ar", "resynthesizer")  # where the targets are looked for
+    base_dtype: str = "bf16"  # the frozen base's weights: "bf16", "int8" (linear layers) or "fp32"
 
 
 @dataclass
@@ -164,28 +198,81 @@ class ARTrainConfig:
     resynthesizer: ResynthesizerConfig = field(default_factory=ResynthesizerConfig)
     quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
     loss: ARLossConfig = field(default_factory=ARLossConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
 
 
 T = TypeVar("T")
 
 
+class RecipeError(ValueError):
+    """A recipe that cannot run: the message is one line that names the key and what to do."""
+
+
 def from_dict(klass: type[T], data: dict[str, Any], where: str = "") -> T:
-    """Build dataclass ``klass`` from nested dicts, refusing unknown keys, lists -> tuples."""
+    """Build dataclass ``klass`` from nested dicts, checking every key and every value's type.
+
+    Unknown keys, a string where a list belongs, ``10.5`` where an integer belongs: each is a
+    :class:`RecipeError` naming the key. Integers are accepted for floats; lists become tuples.
+    """
     fields = {f.name: f for f in dataclasses.fields(klass)}  # type: ignore[arg-type]
     unknown = set(data) - set(fields)
     if unknown:
-        raise ValueError(f"{where or klass.__name__}: unknown keys {sorted(unknown)}; known: {sorted(fields)}")
+        name = where or klass.__name__
+        raise RecipeError(f"{name}: unknown keys {sorted(unknown)}; known: {sorted(fields)}")
+    hints = typing.get_type_hints(klass)
     values: dict[str, Any] = {}
-    defaults = klass()
     for name, value in data.items():
-        current = getattr(defaults, name)
-        if dataclasses.is_dataclass(current) and isinstance(value, dict):
-            values[name] = from_dict(type(current), value, f"[{name}]")
-        elif isinstance(value, list):
-            values[name] = tuple(value)
+        key = f"{where}.{name}" if where else name
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, dict):
+                raise RecipeError(f"{key} is a table ([{name}]), not {value!r}")
+            values[name] = from_dict(hint, value, name)  # type: ignore[arg-type]
         else:
-            values[name] = value
-    return klass(**values)
+            values[name] = coerce(value, hint, key)
+    try:
+        return klass(**values)
+    except (TypeError, ValueError) as e:  # a config's own __post_init__ check
+        raise RecipeError(f"{where or klass.__name__}: {e}") from e
+
+
+def coerce(value: Any, hint: Any, key: str) -> Any:
+    """``value`` as type ``hint``, or a :class:`RecipeError`.
+
+    ``hint`` is int, float, bool, str, X | None or tuple[X, ...]; the error says what ``key``
+    wants.
+    """
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (types.UnionType, typing.Union):
+        options = [a for a in args if a is not type(None)]
+        return coerce(value, options[0], key)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise RecipeError(f"{key} must be a list such as [1, 2], got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise RecipeError(f"{key} must be a list of {len(args)} values, got {list(value)!r}")
+        return tuple(
+            coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True))
+        )
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise RecipeError(f"{key} must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise RecipeError(f"{key} must be a whole number, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise RecipeError(f"{key} must be a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise RecipeError(f'{key} must be a string such as "x", got {value!r}')
+        return value
+    return value
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -194,12 +281,12 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 
 def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
-    """``["optim.steps=10", "run.device=\\"cpu\\""]`` -> nested dict. Bare words are strings."""
+    r"""``["optim.steps=10", "run.device=\"cpu\""]`` -> nested dict. Bare words are strings."""
     out: dict[str, Any] = {}
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep:
-            raise ValueError(f"override {item!r} is not key=value")
+            raise RecipeError(f"--set {item!r} is not key=value (e.g. --set optim.steps=100)")
         try:
             value = tomllib.loads(f"v = {raw}")["v"]
         except tomllib.TOMLDecodeError:
@@ -208,11 +295,14 @@ def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
         parts = key.strip().split(".")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise RecipeError(f"--set {item!r}: {part} is a value, not a table")
         node[parts[-1]] = value
     return out
 
 
 def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """Merge ``extra`` into a copy of ``base``, recursively for tables; ``extra`` wins."""
     out = dict(base)
     for k, v in extra.items():
         out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
@@ -220,10 +310,17 @@ def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 
 def read_toml(path: str | Path | None, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """Read a recipe (a file or a shipped name; None: empty) with ``--set`` overrides on top."""
     data: dict[str, Any] = {}
     if path is not None:
-        with open(resolve_config_path(path), "rb") as f:
-            data = tomllib.load(f)
+        resolved = resolve_config_path(path)
+        try:
+            with open(resolved, "rb") as f:
+                data = tomllib.load(f)
+        except tomllib.TOMLDecodeError as e:
+            raise RecipeError(f"{resolved} is not valid TOML: {e}") from e
+        except OSError as e:
+            raise RecipeError(f"cannot read recipe {resolved}: {e.strerror}") from e
     return merge(data, parse_overrides(overrides))
 
 
@@ -235,12 +332,15 @@ def resolve_config_path(path: str | Path) -> Path:
     shipped = CONFIG_DIR / (p.name if p.suffix == ".toml" else f"{p.name}.toml")
     if shipped.exists():
         return shipped
-    raise FileNotFoundError(f"no config {path!r} (shipped ones: {sorted(q.stem for q in CONFIG_DIR.glob('*.toml'))})")
+    shipped_names = sorted(q.stem for q in CONFIG_DIR.glob("*.toml"))
+    raise RecipeError(f"no recipe {str(path)!r}: give a TOML file or one of {shipped_names}")
 
 
 def load_codec_config(path: str | Path | None, overrides: Sequence[str] = ()) -> CodecTrainConfig:
+    """Load and check a codec recipe with its ``--set`` overrides."""
     return from_dict(CodecTrainConfig, read_toml(path, overrides))
 
 
 def load_ar_config(path: str | Path | None, overrides: Sequence[str] = ()) -> ARTrainConfig:
+    """Load and check an AR recipe with its ``--set`` overrides."""
     return from_dict(ARTrainConfig, read_toml(path, overrides))

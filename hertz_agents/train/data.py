@@ -130,7 +130,10 @@ class AudioSegmentDataset(Dataset[torch.Tensor]):
         except Exception as e:  # libsndfile raises RuntimeError/LibsndfileError/TypeError
             return None, f"unreadable ({e})"
         if info.channels != 2 and self.channels == 2:
-            return None, f"{info.channels} channel(s); channels=2 needs stereo, one speaker per channel"
+            return (
+                None,
+                f"{info.channels} channel(s); channels=2 needs stereo, one speaker per channel",
+            )
         f = AudioFile(path, info.samplerate, info.frames, info.channels)
         if self._frames_out(f) < self.segment:
             return None, (
@@ -148,7 +151,10 @@ class AudioSegmentDataset(Dataset[torch.Tensor]):
             return None, f"truncated ({frames} of {info.frames} frames decode)"
         rms = np.sqrt(power / max(frames, 1))
         if np.sqrt(np.mean(rms**2)) < self.silence_rms:
-            return None, f"silent (RMS {float(np.sqrt(np.mean(rms**2))):.2e} < {self.silence_rms:.0e})"
+            return (
+                None,
+                f"silent (RMS {float(np.sqrt(np.mean(rms**2))):.2e} < {self.silence_rms:.0e})",
+            )
         if self.channels == 2 and rms.min() < self.silence_rms:
             return None, f"channel {int(rms.argmin())} is silent (RMS {rms.min():.2e})"
         return AudioFile(path, info.samplerate, min(frames, info.frames), info.channels), ""
@@ -188,13 +194,15 @@ class AudioSegmentDataset(Dataset[torch.Tensor]):
         Only the span needed is decoded (soundfile seeks), then resampled if the rates differ.
         """
         if f.sample_rate == self.sample_rate:
-            audio = sf.read(str(f.path), start=offset, frames=self.segment, dtype="float32", always_2d=True)[
-                0
-            ]
+            audio = sf.read(
+                str(f.path), start=offset, frames=self.segment, dtype="float32", always_2d=True
+            )[0]
         else:
             start = offset * f.sample_rate // self.sample_rate
             frames = math.ceil(self.segment * f.sample_rate / self.sample_rate) + _RESAMPLE_MARGIN
-            audio = sf.read(str(f.path), start=start, frames=frames, dtype="float32", always_2d=True)[0]
+            audio = sf.read(
+                str(f.path), start=start, frames=frames, dtype="float32", always_2d=True
+            )[0]
             audio = soxr.resample(audio, f.sample_rate, self.sample_rate)
             audio = np.ascontiguousarray(audio[: self.segment], dtype=np.float32)
         if len(audio) < self.segment:  # at most a few samples at the very end of a file
@@ -209,7 +217,11 @@ def _find_audio(root: Path, extensions: tuple[str, ...]) -> Iterator[Path]:
     if not root.is_dir():
         raise FileNotFoundError(f"no such folder: {root}")
     for path in sorted(root.rglob("*")):
-        if path.is_file() and path.name.lower().endswith(extensions) and not path.name.startswith("."):
+        if (
+            path.is_file()
+            and path.name.lower().endswith(extensions)
+            and not path.name.startswith(".")
+        ):
             yield path
 
 
@@ -245,7 +257,9 @@ def make_loader(
     if drop_last is None:
         drop_last = shuffle
     sampler: DistributedSampler[T] | None = (
-        DistributedSampler(dataset, shuffle=shuffle, seed=seed, drop_last=drop_last) if distributed else None
+        DistributedSampler(dataset, shuffle=shuffle, seed=seed, drop_last=drop_last)
+        if distributed
+        else None
     )
     return DataLoader(
         dataset,

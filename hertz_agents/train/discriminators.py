@@ -24,12 +24,16 @@ Features = list[Tensor]
 
 
 class PeriodDiscriminator(nn.Module):
+    """Judges audio folded into frames of ``period`` samples (2-D convolutions across frames)."""
+
     def __init__(self, period: int, channels: int) -> None:
         super().__init__()
         self.period = period
         widths = [1, channels, 2 * channels, 4 * channels, 4 * channels]
         self.convs = nn.ModuleList(
-            weight_norm(nn.Conv2d(widths[i], widths[i + 1], (5, 1), (3 if i < 3 else 1, 1), padding=(2, 0)))
+            weight_norm(
+                nn.Conv2d(widths[i], widths[i + 1], (5, 1), (3 if i < 3 else 1, 1), padding=(2, 0))
+            )
             for i in range(len(widths) - 1)
         )
         self.out = weight_norm(nn.Conv2d(widths[-1], 1, (3, 1), padding=(1, 0)))
@@ -50,6 +54,8 @@ class PeriodDiscriminator(nn.Module):
 
 
 class STFTDiscriminator(nn.Module):
+    """Judges the complex STFT of audio with an ``n_fft``-point window."""
+
     def __init__(self, n_fft: int, channels: int) -> None:
         super().__init__()
         self.n_fft = n_fft
@@ -66,8 +72,11 @@ class STFTDiscriminator(nn.Module):
         self.out = weight_norm(nn.Conv2d(c, 1, (3, 3), padding=(1, 1)))
 
     def forward(self, x: Tensor) -> tuple[Tensor, Features]:
+        """Return the logits and the feature maps of every layer for audio ``x``."""
         window: Tensor = self.window  # type: ignore[assignment]
-        spec = torch.stft(x.squeeze(1).float(), self.n_fft, self.n_fft // 4, window=window, return_complex=True)
+        spec = torch.stft(
+            x.squeeze(1).float(), self.n_fft, self.n_fft // 4, window=window, return_complex=True
+        )
         h = torch.log(spec.abs() + 1e-5).unsqueeze(1).transpose(2, 3)  # [B, 1, frames, bins]
         features = []
         for conv in self.convs:
@@ -89,11 +98,14 @@ class Discriminators(nn.Module):
         )
 
     def forward(self, x: Tensor) -> list[tuple[Tensor, Features]]:
+        """Return (logits, features) of every member for audio ``x``."""
         return [m(x) for m in self.members]
 
 
-def discriminator_loss(real: list[tuple[Tensor, Features]], fake: list[tuple[Tensor, Features]], kind: str) -> Tensor:
-    """Mean over members of the real/fake classification loss (``fake`` computed on detached audio)."""
+def discriminator_loss(
+    real: list[tuple[Tensor, Features]], fake: list[tuple[Tensor, Features]], kind: str
+) -> Tensor:
+    """Mean over members of the real/fake classification loss (``fake`` on detached audio)."""
     total = real[0][0].new_zeros((), dtype=torch.float32)
     for (r, _), (f, _) in zip(real, fake, strict=True):
         r, f = r.float(), f.float()

@@ -1,8 +1,9 @@
-"""Measuring a trained model: codec reconstruction against baselines, AR loss against the
-unigram entropy of its tokens, and pictures (spectrograms of reconstructions and of a prompt
-and its continuation).
+r"""Measuring a trained model: codec reconstruction, AR loss, and pictures.
 
-    python -m hertz_agents.train.evaluate --model ckpt/hertz-small --val data/synth/val \\
+Codec reconstruction is measured against baselines, AR loss against the unigram entropy of its
+tokens, and pictures (spectrograms of reconstructions and of a prompt and its continuation).
+
+    python -m hertz_agents.train.evaluate --model ckpt/hertz-small --val data/synth/val \
         --real ../shared/audio --train-latents runs/small/ar/latents/train.pt --img docs/img
 """
 
@@ -22,11 +23,11 @@ from torch import Tensor
 from hertz_agents.audio import read_audio
 from hertz_agents.codec.model import WaveCodec
 from hertz_agents.model.hertz import HertzModel
-from hertz_agents.sampling import SamplingSettings, SamplingTensors
 from hertz_agents.timing import SAMPLE_RATE, SAMPLES_PER_STEP, STEPS_PER_SECOND
 from hertz_agents.train.ar_trainer import NextStepObjective, unigram_entropy
 from hertz_agents.train.latents import encode_audio
 from hertz_agents.train.losses import log_spectral_distance, mel_distance, si_snr
+from hertz_agents.train.samples import continue_latents, decode_channels
 
 ACTIVE_RMS = 1e-3
 
@@ -66,6 +67,7 @@ def reconstruct(codec: WaveCodec, clip: Tensor) -> Tensor:
 
 
 def score(estimate: Tensor, reference: Tensor) -> dict[str, float]:
+    """SI-SNR, mel distance and log-spectral distance of ``estimate`` against ``reference``."""
     e, r = estimate.view(1, -1).float(), reference.view(1, -1).float()
     return {
         "si_snr_db": float(si_snr(e, r)),
@@ -95,8 +97,16 @@ def real_speech_clips(folder: str | Path) -> list[Tensor]:
     clips = []
     for path in sorted(Path(folder).glob("*.wav")):
         audio = read_audio(path)
-        channels = [audio[0]] if audio.shape[0] == 1 or np.allclose(audio[0], audio[-1], atol=1e-3) else list(audio)
-        clips += [torch.from_numpy(np.ascontiguousarray(c)) for c in channels if np.sqrt(np.mean(c**2)) > ACTIVE_RMS]
+        channels = (
+            [audio[0]]
+            if audio.shape[0] == 1 or np.allclose(audio[0], audio[-1], atol=1e-3)
+            else list(audio)
+        )
+        clips += [
+            torch.from_numpy(np.ascontiguousarray(c))
+            for c in channels
+            if np.sqrt(np.mean(c**2)) > ACTIVE_RMS
+        ]
     return clips
 
 
@@ -117,9 +127,14 @@ def synthetic_clips(folder: str | Path, count: int = 32, seconds: float = 4.0) -
 
 
 @torch.no_grad()
-def ar_report(net: HertzModel, val_latents: Tensor, train_latents: Tensor | None = None) -> dict[str, float]:
-    """Next-token cross-entropy and mixture NLL on ``val_latents`` [N, T, C*32], against the
-    entropy of a unigram model of the tokens (fitted on ``train_latents`` when given)."""
+def ar_report(
+    net: HertzModel, val_latents: Tensor, train_latents: Tensor | None = None
+) -> dict[str, float]:
+    """Next-token cross-entropy and mixture NLL on ``val_latents`` [N, T, C*32].
+
+    Measured against the entropy of a unigram model of the tokens (fitted on ``train_latents`` when
+    given).
+    """
     q = net.resynthesizer.quantizer
     vocab = net.config.quantizer.codebook_size
     ce, nll, acc = [], [], []
@@ -130,7 +145,9 @@ def ar_report(net: HertzModel, val_latents: Tensor, train_latents: Tensor | None
         acc.append(a.mean())
 
     def tokens_of(latents: Tensor) -> Tensor:
-        return torch.cat([q(ch)[1].flatten() for b in latents.split(32) for ch in b.chunk(net.channels, -1)])
+        return torch.cat(
+            [q(ch)[1].flatten() for b in latents.split(32) for ch in b.chunk(net.channels, -1)]
+        )
 
     val_tokens = tokens_of(val_latents)[:]
     report = {
@@ -142,41 +159,20 @@ def ar_report(net: HertzModel, val_latents: Tensor, train_latents: Tensor | None
         "codebook_size": vocab,
     }
     if train_latents is not None:
-        counts = torch.bincount(tokens_of(train_latents), minlength=vocab).double() + 0.5  # add-half smoothing
+        # add-half smoothing
+        counts = torch.bincount(tokens_of(train_latents), minlength=vocab).double() + 0.5
         logp = (counts / counts.sum()).log()
         report["unigram_ce_nats"] = float(-logp[val_tokens].mean())
     return report
-
-
-@torch.no_grad()
-def continue_latents(
-    net: HertzModel, prompt: Tensor, steps: int, seed: int = 0, settings: SamplingSettings | None = None
-) -> Tensor:
-    """Sample ``steps`` latents after ``prompt`` [T, C*32] with cached steps; returns [T+steps, C*32]."""
-    t = prompt.shape[0]
-    caches = net.new_caches(1, t + steps + 1)
-    sampling = SamplingTensors.from_settings([settings or SamplingSettings()])
-    gen = [torch.Generator().manual_seed(seed)]
-    nxt, _ = net.next_latents(prompt[None], torch.arange(t)[None], caches, None, sampling, gen)
-    out = [nxt]
-    for i in range(steps - 1):
-        nxt, _ = net.next_latents(nxt[:, None], torch.tensor([[t + i]]), caches, None, sampling, gen)
-        out.append(nxt)
-    return torch.cat((prompt, torch.cat(out)), dim=0)
-
-
-@torch.no_grad()
-def decode_channels(codec: WaveCodec, latents: Tensor) -> Tensor:
-    """[T, C*32] -> audio [C, T*hop]."""
-    chans = latents.chunk(latents.shape[-1] // codec.config.latent_dim, dim=-1)
-    return torch.stack([codec.decode(c[None]).view(-1) for c in chans])
 
 
 # -- pictures ---------------------------------------------------------------------------------
 
 
 def _spectrogram(ax: Any, audio: Tensor, title: str, mark_s: float | None = None) -> None:
-    spec = torch.stft(audio.float(), 512, 128, window=torch.hann_window(512), return_complex=True).abs()
+    spec = torch.stft(
+        audio.float(), 512, 128, window=torch.hann_window(512), return_complex=True
+    ).abs()
     db = 20 * torch.log10(spec + 1e-5)
     seconds = audio.shape[-1] / SAMPLE_RATE
     ax.imshow(
@@ -195,7 +191,13 @@ def _spectrogram(ax: Any, audio: Tensor, title: str, mark_s: float | None = None
         ax.axvline(mark_s, color="cyan", linewidth=1.5, linestyle="--")
 
 
-def plot_spectrograms(panels: list[tuple[Tensor, str]], png: str | Path, mark_s: float | None = None) -> Path:
+def plot_spectrograms(
+    panels: list[tuple[Tensor, str]], png: str | Path, mark_s: float | None = None
+) -> Path:
+    """Draw a spectrogram per (audio, title) panel, stacked, into ``png``; return its path.
+
+    ``mark_s`` draws a line at that many seconds in every panel.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -219,8 +221,11 @@ def continuation_picture(
     continue_s: float = 6.0,
     seed: int = 0,
 ) -> Path:
-    """Encode a stereo conversation's first ``prompt_s`` seconds, continue both channels for
-    ``continue_s`` seconds, and draw the real conversation over the same span beside it."""
+    """Draw a stereo conversation's continuation beside the real one.
+
+    Encodes the first ``prompt_s`` seconds, continues both channels for ``continue_s`` seconds,
+    and draws the real conversation over the same span beside it.
+    """
     p = int(prompt_s * STEPS_PER_SECOND)
     g = int(continue_s * STEPS_PER_SECOND)
     n = (p + g) * SAMPLES_PER_STEP
@@ -230,19 +235,28 @@ def continuation_picture(
     panels = []
     for c in range(real.shape[0]):
         panels.append((real[c], f"channel {c + 1}: the real conversation"))
-        panels.append((generated[c], f"channel {c + 1}: {prompt_s:g} s prompt, then the model's continuation"))
+        panels.append(
+            (generated[c], f"channel {c + 1}: {prompt_s:g} s prompt, then the model's continuation")
+        )
     return plot_spectrograms(panels, png, mark_s=prompt_s)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the evaluation from the command line (see the module docstring)."""
     from hertz_agents.checkpoint import load_model
 
-    p = argparse.ArgumentParser(prog="hertz_agents.train.evaluate", description=(__doc__ or "").split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="hertz_agents.train.evaluate", description=(__doc__ or "").split("\n\n")[0]
+    )
     p.add_argument("--model", default="default")
-    p.add_argument("--val", default="data/synth/val", help="folder of stereo validation conversations")
+    p.add_argument(
+        "--val", default="data/synth/val", help="folder of stereo validation conversations"
+    )
     p.add_argument("--real", default="", help="folder of real speech recordings (read only)")
     p.add_argument("--val-latents", default="", help="cached validation latents (from the AR run)")
-    p.add_argument("--train-latents", default="", help="cached training latents, for the unigram baseline")
+    p.add_argument(
+        "--train-latents", default="", help="cached training latents, for the unigram baseline"
+    )
     p.add_argument("--img", default="", help="write pictures into this folder")
     p.add_argument("--out", default="", help="write the report as JSON here")
     args = p.parse_args(argv)
@@ -257,7 +271,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def evaluate(
-    net: HertzModel, val: str, real: str = "", val_latents: str = "", train_latents: str = "", img: str = ""
+    net: HertzModel,
+    val: str,
+    real: str = "",
+    val_latents: str = "",
+    train_latents: str = "",
+    img: str = "",
 ) -> dict[str, Any]:
     """Every number and picture of the model's report (see :func:`main`)."""
     report: dict[str, Any] = {"codec_synthetic_val": codec_report(net.codec, synthetic_clips(val))}
@@ -278,10 +297,16 @@ def evaluate(
         audio = torch.from_numpy(read_audio(conv))
         continuation_picture(net, audio, out / "small_continuation.png")
         clip = synthetic_clips(val, 1, 3.0)[0]
-        panels = [(clip, "synthetic speech (held out)"), (reconstruct(net.codec, clip), "small codec round trip")]
+        panels = [
+            (clip, "synthetic speech (held out)"),
+            (reconstruct(net.codec, clip), "small codec round trip"),
+        ]
         if real:
             speech = real_speech_clips(real)[-1][: 3 * SAMPLE_RATE]
-            panels += [(speech, "real speech"), (reconstruct(net.codec, speech), "small codec round trip")]
+            panels += [
+                (speech, "real speech"),
+                (reconstruct(net.codec, speech), "small codec round trip"),
+            ]
         plot_spectrograms(panels, out / "small_codec_reconstruction.png")
     return report
 

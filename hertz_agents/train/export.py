@@ -27,13 +27,19 @@ CODEC_FORMAT = "hertz-agents-codec"
 CODEC_WEIGHTS = "codec.safetensors"
 
 
-def save_codec(codec: WaveCodec, directory: str | os.PathLike[str], extra: Mapping[str, Any] | None = None) -> Path:
+def save_codec(
+    codec: WaveCodec, directory: str | os.PathLike[str], extra: Mapping[str, Any] | None = None
+) -> Path:
     """Write a trained codec (plain weights) as a codec directory."""
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().float().contiguous().cpu() for k, v in codec.state_dict().items()}
     save_file(state, str(out / CODEC_WEIGHTS))
-    config = {"format": CODEC_FORMAT, "codec": HertzConfig(codec=codec.config).to_dict()["codec"], **(extra or {})}
+    config = {
+        "format": CODEC_FORMAT,
+        "codec": HertzConfig(codec=codec.config).to_dict()["codec"],
+        **(extra or {}),
+    }
     (out / "config.json").write_text(json.dumps(config, indent=1))
     return out
 
@@ -54,4 +60,5 @@ def load_codec(source: str | os.PathLike[str], device: torch.device | str = "cpu
 
 
 def codec_config_of(source: str | os.PathLike[str]) -> CodecConfig:
+    """The codec sizes of a checkpoint directory or codec file."""
     return load_codec(source).config

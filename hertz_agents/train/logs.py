@@ -38,7 +38,9 @@ class RunLog:
         out_dir.mkdir(parents=True, exist_ok=True)
         if resume_step is not None and self.path.exists():
             kept = [
-                line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= resume_step
+                line
+                for line in self.path.read_text().splitlines()
+                if line and json.loads(line)["step"] <= resume_step
             ]
             self.path.write_text("".join(line + "\n" for line in kept))
         elif self.path.exists():
@@ -48,7 +50,9 @@ class RunLog:
                 import wandb  # type: ignore[import-not-found]
             except ImportError:
                 log.warning(
-                    "run.wandb is on but wandb is not installed (pip install wandb); logging to %s only", self.path
+                    "run.wandb is on but wandb is not installed (pip install wandb); logging to %s "
+                    "only",
+                    self.path,
                 )
             else:
                 self._wandb = wandb.init(
@@ -60,6 +64,7 @@ class RunLog:
                 )
 
     def write(self, step: int, split: str, metrics: dict[str, float]) -> None:
+        """Append one JSON line of ``metrics`` (and send them to wandb when it is on)."""
         if not self.enabled:
             return
         record = {
@@ -74,15 +79,19 @@ class RunLog:
             self._wandb.log({f"{split}/{k}": v for k, v in metrics.items()}, step=step)
 
     def close(self) -> None:
+        """Finish the wandb run, if any."""
         if self._wandb is not None:
             self._wandb.finish()
 
 
 def read_log(path: str | Path) -> list[dict[str, Any]]:
+    """Read a run log: one dict per JSON line."""
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
-def plot_curves(log_path: str | Path, png: str | Path, keys: list[str] | None = None, title: str = "") -> Path | None:
+def plot_curves(
+    log_path: str | Path, png: str | Path, keys: list[str] | None = None, title: str = ""
+) -> Path | None:
     """Plot train (smoothed) and validation curves of ``keys`` (default: every loss) to ``png``."""
     try:
         import matplotlib
@@ -90,12 +99,16 @@ def plot_curves(log_path: str | Path, png: str | Path, keys: list[str] | None = 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        log.warning("matplotlib is not installed (pip install 'hertz-agents[train]'); no plot written")
+        log.warning(
+            "matplotlib is not installed (pip install 'hertz-agents[train]'); no plot written"
+        )
         return None
     records = read_log(log_path)
     skip = {"step", "split", "time", "lr", "steps_per_s", "items_per_s"}
     if keys is None:
-        keys = sorted({k for r in records for k in r if k not in skip and isinstance(r[k], (int, float))})
+        keys = sorted(
+            {k for r in records for k in r if k not in skip and isinstance(r[k], (int, float))}
+        )
     keys = [k for k in keys if any(k in r for r in records)]
     if not keys:
         return None
@@ -104,12 +117,28 @@ def plot_curves(log_path: str | Path, png: str | Path, keys: list[str] | None = 
     fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 2.6 * rows), squeeze=False)
     for ax, key in zip(axes.flat, keys, strict=False):
         for split, style in (("train", "-"), ("val", "o-")):
-            pts = [(r["step"], r[key]) for r in records if r["split"] == split and isinstance(r.get(key), (int, float))]
+            pts = [
+                (r["step"], r[key])
+                for r in records
+                if r["split"] == split and isinstance(r.get(key), (int, float))
+            ]
             if not pts:
                 continue
             xs, raw = zip(*pts, strict=True)
-            ys = _ema(list(raw), 0.9) if split == "train" else list(raw)
-            ax.plot(xs, ys, style, label=split, markersize=3, linewidth=1)
+            if split == "train":
+                # Raw points faintly, and a debiased moving average whose span follows the run's
+                # length (a fixed 0.9 lags a 20-point run by most of its length).
+                line = ax.plot(xs, raw, "-", alpha=0.3, linewidth=0.8, label="train (raw)")[0]
+                ax.plot(
+                    xs,
+                    _ema(list(raw), _decay(len(raw))),
+                    "-",
+                    color=line.get_color(),
+                    linewidth=1.2,
+                    label="train (smoothed)",
+                )
+            else:
+                ax.plot(xs, raw, style, label=split, markersize=3, linewidth=1)
         ax.set_title(key, fontsize=9)
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
@@ -124,9 +153,25 @@ def plot_curves(log_path: str | Path, png: str | Path, keys: list[str] | None = 
     return Path(png)
 
 
+def _decay(points: int) -> float:
+    """EMA decay spanning about a twentieth of the run (at least 1, at most 50 points)."""
+    span = min(50.0, max(1.0, points / 20))
+    return 1 - 2 / (span + 1)
+
+
 def _ema(xs: list[float], decay: float) -> list[float]:
-    out, acc = [], xs[0]
+    """Exponential moving average, bias-corrected (no drag toward the first value)."""
+    out, acc, weight = [], 0.0, 0.0
     for x in xs:
         acc = decay * acc + (1 - decay) * x
-        out.append(acc)
+        weight = decay * weight + (1 - decay)
+        out.append(acc / weight)
     return out
+
+
+def console_line(step: int, total: int, metrics: dict[str, float], split: str = "train") -> str:
+    """``step 120/2000 train loss 3.21 ce 2.9 lr 0.0003 steps/s 1.7``: a quiet progress line."""
+    parts = [f"step {step}/{total} {split}"]
+    for k, v in metrics.items():
+        parts.append(f"{'steps/s' if k == 'steps_per_s' else k} {v:.4g}")
+    return " ".join(parts)

@@ -24,7 +24,9 @@ def stft_magnitude(x: Tensor, n_fft: int, hop: int | None = None) -> Tensor:
     """|STFT| with a Hann window, ``[B, n_fft // 2 + 1, frames]``."""
     hop = hop or n_fft // 4
     window = torch.hann_window(n_fft, device=x.device)
-    spec = torch.stft(_flat(x), n_fft, hop, window=window, return_complex=True, center=True, pad_mode="reflect")
+    spec = torch.stft(
+        _flat(x), n_fft, hop, window=window, return_complex=True, center=True, pad_mode="reflect"
+    )
     return spec.abs()
 
 
@@ -39,7 +41,9 @@ def _mel_basis(n_fft: int, n_mels: int, sample_rate: int) -> Tensor:
         return 700.0 * (10.0 ** (m / 2595.0) - 1.0)
 
     freqs = torch.linspace(0, sample_rate / 2, n_fft // 2 + 1, dtype=torch.float64)
-    edges = mel_to_hz(torch.linspace(0, float(hz_to_mel(torch.tensor(sample_rate / 2.0))), n_mels + 2))
+    edges = mel_to_hz(
+        torch.linspace(0, float(hz_to_mel(torch.tensor(sample_rate / 2.0))), n_mels + 2)
+    )
     lower, centre, upper = edges[:-2, None], edges[1:-1, None], edges[2:, None]
     up = (freqs[None] - lower) / (centre - lower)
     down = (upper - freqs[None]) / (upper - centre)
@@ -53,11 +57,14 @@ class MultiResolutionSTFTLoss(nn.Module):
     linear terms keep the high band honest.
     """
 
-    def __init__(self, fft_sizes: tuple[int, ...], sample_rate: int = SAMPLE_RATE, eps: float = 1e-5) -> None:
+    def __init__(
+        self, fft_sizes: tuple[int, ...], sample_rate: int = SAMPLE_RATE, eps: float = 1e-5
+    ) -> None:
         super().__init__()
         self.fft_sizes, self.sample_rate, self.eps = tuple(fft_sizes), sample_rate, eps
 
     def forward(self, fake: Tensor, real: Tensor) -> tuple[Tensor, Tensor]:
+        """Return (spectral loss, mel loss) of ``fake`` against ``real``."""
         spectral = fake.new_zeros((), dtype=torch.float32)
         mel = fake.new_zeros((), dtype=torch.float32)
         for n_fft in self.fft_sizes:
@@ -92,14 +99,18 @@ def si_snr(estimate: Tensor, reference: Tensor, eps: float = 1e-8) -> Tensor:
     return 10 * torch.log10((target.pow(2).sum(-1) + eps) / (noise.pow(2).sum(-1) + eps))
 
 
-def log_spectral_distance(estimate: Tensor, reference: Tensor, n_fft: int = 512, eps: float = 1e-5) -> Tensor:
+def log_spectral_distance(
+    estimate: Tensor, reference: Tensor, n_fft: int = 512, eps: float = 1e-5
+) -> Tensor:
     """RMS difference of log10 power spectra in dB, averaged over frames, per row ``[B]``."""
     e = 20 * torch.log10(stft_magnitude(estimate, n_fft) + eps)
     r = 20 * torch.log10(stft_magnitude(reference, n_fft) + eps)
     return (e - r).pow(2).mean(1).sqrt().mean(-1)
 
 
-def mel_distance(estimate: Tensor, reference: Tensor, n_fft: int = 1024, n_mels: int = 80, eps: float = 1e-5) -> Tensor:
+def mel_distance(
+    estimate: Tensor, reference: Tensor, n_fft: int = 1024, n_mels: int = 80, eps: float = 1e-5
+) -> Tensor:
     """Mean |log mel(estimate) - log mel(reference)| (natural log), per row ``[B]``."""
     basis = _mel_basis(n_fft, n_mels, SAMPLE_RATE).to(estimate.device)
     e = torch.log(basis @ stft_magnitude(estimate, n_fft) + eps)

@@ -8,6 +8,7 @@ Run alone, it is rank 0 of 1 and no process group is made.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import random
 from dataclasses import dataclass
@@ -33,10 +34,12 @@ class Runtime:
 
     @property
     def distributed(self) -> bool:
+        """Whether more than one process takes part."""
         return self.world > 1
 
     @property
     def is_main(self) -> bool:
+        """Whether this is rank 0, the process that writes files and logs."""
         return self.rank == 0
 
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
@@ -46,6 +49,7 @@ class Runtime:
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
     def barrier(self) -> None:
+        """Wait for every process (a no-op in a single process)."""
         if self.distributed:
             dist.barrier()
 
@@ -67,7 +71,9 @@ def setup(run: RunConfig) -> Runtime:
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, rank=rank, world_size=world, device_id=device if backend == "nccl" else None)
+        dist.init_process_group(
+            backend, rank=rank, world_size=world, device_id=device if backend == "nccl" else None
+        )
     precision = run.precision
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" else "fp32"
@@ -77,15 +83,22 @@ def setup(run: RunConfig) -> Runtime:
     return Runtime(rank, world, local_rank, device, torch.bfloat16 if precision == "bf16" else None)
 
 
-def teardown() -> None:
+def teardown(clean: bool = True) -> None:
+    """Leave the process group.
+
+    ``clean=False`` (an error or Ctrl-C is on its way out): no barrier, whose peers may be gone,
+    just drop the group.
+    """
     if dist.is_initialized():
         # Every rank leaves together: a rank that destroys the group while another is still in a
         # collective can abort at exit ("terminate called without an active exception").
-        dist.barrier()
+        if clean:
+            dist.barrier()
         dist.destroy_process_group()
 
 
 def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's global RNGs."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
@@ -104,6 +117,7 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore the RNGs saved by :func:`rng_state`."""
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
@@ -122,6 +136,7 @@ def all_reduce_mean(values: dict[str, float], rt: Runtime) -> dict[str, float]:
 
 
 def all_reduce_sum(t: torch.Tensor, rt: Runtime) -> torch.Tensor:
+    """Sum ``t`` over processes; the result is on the CPU."""
     if rt.distributed:
         t = t.to(_collective_device(rt))
         dist.all_reduce(t)
@@ -132,14 +147,21 @@ def _collective_device(rt: Runtime) -> torch.device:
     return rt.device if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
-def wrap_ddp(module: nn.Module, rt: Runtime) -> nn.Module:
-    """A DDP replica of ``module`` when distributed and it has trainable parameters; else itself."""
+def wrap_ddp(module: nn.Module, rt: Runtime, broadcast_buffers: bool = True) -> nn.Module:
+    """A DDP replica of ``module`` when distributed and it has trainable parameters; else itself.
+
+    ``broadcast_buffers=False`` when no buffer changes in training (a frozen base, whose int8
+    weights are buffers: DDP would otherwise send them from rank 0 before every forward).
+    """
     if not rt.distributed or not any(p.requires_grad for p in module.parameters()):
         return module
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [rt.device.index] if rt.device.type == "cuda" else None
-    return DistributedDataParallel(module, device_ids=ids)
+    # Newer torch names the per-forward sync forward_sync_buffers (it still syncs once at init).
+    params = inspect.signature(DistributedDataParallel.__init__).parameters
+    key = "forward_sync_buffers" if "forward_sync_buffers" in params else "broadcast_buffers"
+    return DistributedDataParallel(module, device_ids=ids, **{key: broadcast_buffers})
 
 
 def no_sync_unless(last: bool, *modules: nn.Module) -> contextlib.AbstractContextManager[Any]:

@@ -54,27 +54,39 @@ def run_small(
 ) -> Path:
     """Run every phase (see the module docstring); returns the model directory."""
     root, runs = Path(data), Path(out)
-    if len(list((root / "train").glob("*.wav"))) < synth_train or len(list((root / "val").glob("*.wav"))) < synth_val:
+    if (
+        len(list((root / "train").glob("*.wav"))) < synth_train
+        or len(list((root / "val").glob("*.wav"))) < synth_val
+    ):
         from hertz_agents.train.synth import generate_corpus
 
         generate_corpus(root, synth_train, synth_val, workers=synth_workers)
 
     data_paths = [f'data.train="{root / "train"}"', f'data.val="{root / "val"}"']
-    codec_cfg = load_codec_config("small_codec", [*data_paths, f'run.out_dir="{runs / "codec"}"', *codec_overrides])
+    codec_cfg = load_codec_config(
+        "small_codec", [*data_paths, f'run.out_dir="{runs / "codec"}"', *codec_overrides]
+    )
     codec_dir = runs / "codec" / "final"
     if not (codec_dir / CONFIG_FILE).exists():
         from hertz_agents.train.codec_trainer import train_codec
 
-        train_codec(codec_cfg, resume=_resume_point(runs / "codec"))
+        # overwrite: a phase stopped before its first checkpoint starts over in its own folder.
+        train_codec(codec_cfg, resume=_resume_point(runs / "codec"), overwrite=True)
 
     ar_cfg = load_ar_config(
-        "small_ar", [*data_paths, f'run.out_dir="{runs / "ar"}"', f'model.codec_from="{codec_dir}"', *ar_overrides]
+        "small_ar",
+        [
+            *data_paths,
+            f'run.out_dir="{runs / "ar"}"',
+            f'model.codec_from="{codec_dir}"',
+            *ar_overrides,
+        ],
     )
     ar_dir = runs / "ar" / "final"
     if not (ar_dir / CONFIG_FILE).exists():
         from hertz_agents.train.ar_trainer import train_ar
 
-        train_ar(ar_cfg, resume=_resume_point(runs / "ar"))
+        train_ar(ar_cfg, resume=_resume_point(runs / "ar"), overwrite=True)
 
     tune_cfg = load_ar_config(
         "small_ar_tune",
@@ -89,13 +101,19 @@ def run_small(
     if not (tune_dir / CONFIG_FILE).exists():
         from hertz_agents.train.ar_trainer import train_ar
 
-        train_ar(tune_cfg, resume=_resume_point(runs / "ar_tune"))
+        train_ar(tune_cfg, resume=_resume_point(runs / "ar_tune"), overwrite=True)
 
     return export_small(tune_dir, Path(ckpt), runs, codec_cfg, [ar_cfg, tune_cfg], real_speech, img)
 
 
 def export_small(
-    ar_dir: Path, ckpt: Path, runs: Path, codec_cfg: Any, ar_cfgs: list[Any], real_speech: str = "", img: str = ""
+    ar_dir: Path,
+    ckpt: Path,
+    runs: Path,
+    codec_cfg: Any,
+    ar_cfgs: list[Any],
+    real_speech: str = "",
+    img: str = "",
 ) -> Path:
     """Measure the trained model and write it, with its recipe and numbers, to ``ckpt``."""
     from hertz_agents.train.bench import measure_step
@@ -131,9 +149,15 @@ def export_small(
         "training": {
             "recipe": "hertz-agents train small (docs/training.md)",
             "data": "synthetic espeak-ng stereo conversations (hertz_agents.train.synth)",
-            "codec": {"config": to_dict(codec_cfg), "log_tail": _last(runs / "codec" / "log.jsonl")},
+            "codec": {
+                "config": to_dict(codec_cfg),
+                "log_tail": _last(runs / "codec" / "log.jsonl"),
+            },
             "ar": {"config": to_dict(ar_cfgs[0]), "log_tail": _last(runs / "ar" / "log.jsonl")},
-            "ar_tune": {"config": to_dict(ar_cfgs[1]), "log_tail": _last(runs / "ar_tune" / "log.jsonl")},
+            "ar_tune": {
+                "config": to_dict(ar_cfgs[1]),
+                "log_tail": _last(runs / "ar_tune" / "log.jsonl"),
+            },
             "quality": report,
             "step_cost_ms_one_thread": cost,
         },

@@ -44,18 +44,22 @@ ESPEAK = "espeak-ng"
 
 # fmt: off
 SLOTS: dict[str, tuple[str, ...]] = {
-    "name": ("Anna", "Ben", "Carla", "David", "Elena", "Frank", "Grace", "Hassan", "Irene", "James",
-             "Kenji", "Laura", "Miguel", "Nora", "Oscar", "Priya", "Quentin", "Rosa", "Sam", "Tara"),
+    "name": ("Anna", "Ben", "Carla", "David", "Elena", "Frank", "Grace", "Hassan", "Irene",
+             "James", "Kenji", "Laura", "Miguel", "Nora", "Oscar", "Priya", "Quentin", "Rosa",
+             "Sam", "Tara"),
     "place": ("the office", "the station", "the airport", "the market", "the library", "downtown",
               "the clinic", "the hotel", "the park", "my sister's place", "the garage", "the bank"),
-    "day": ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday", "tomorrow",
-            "next week", "the weekend", "tonight", "this afternoon"),
+    "day": ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday",
+            "tomorrow", "next week", "the weekend", "tonight", "this afternoon"),
     "time": ("eight", "nine thirty", "ten", "eleven fifteen", "noon", "two", "three forty five",
              "four", "six", "seven thirty"),
-    "number": ("two", "three", "four", "five", "six", "ten", "twelve", "fifteen", "twenty", "forty"),
+    "number": ("two", "three", "four", "five", "six", "ten", "twelve", "fifteen", "twenty",
+               "forty"),
     "thing": ("the package", "the invoice", "my laptop", "the tickets", "the keys", "the report",
-              "the new phone", "the contract", "the printer", "the order", "the camera", "the bill"),
-    "food": ("pizza", "noodles", "a salad", "soup", "sandwiches", "curry", "tacos", "sushi", "pasta"),
+              "the new phone", "the contract", "the printer", "the order", "the camera",
+              "the bill"),
+    "food": ("pizza", "noodles", "a salad", "soup", "sandwiches", "curry", "tacos", "sushi",
+             "pasta"),
     "past": ("weekend", "day", "trip", "morning", "holiday", "week", "evening"),
     "adj": ("great", "strange", "busy", "quiet", "expensive", "cheap", "slow", "fine", "terrible",
             "lovely", "complicated", "easy"),
@@ -92,8 +96,9 @@ TOPICS: dict[str, dict[str, tuple[str, ...]]] = {
         "s": ("I had {food} for lunch, so maybe not that.", "The place near {place} is {adj}.",
               "We need enough for about {number} people.", "{name} is bringing dessert.",
               "I could cook {food} if you want."),
-        "a": ("Sure, {food} sounds good.", "About {number}, I think.", "No, let's try somewhere else.",
-              "I think so, yes.", "Honestly, anything is fine with me."),
+        "a": ("Sure, {food} sounds good.", "About {number}, I think.",
+              "No, let's try somewhere else.", "I think so, yes.",
+              "Honestly, anything is fine with me."),
     },
     "travel": {
         "q": ("What time does your flight land?", "Do you need a ride from {place}?",
@@ -106,8 +111,9 @@ TOPICS: dict[str, dict[str, tuple[str, ...]]] = {
               "No, it's actually {weather}.", "Just until {day}.", "Oh no, I forgot {thing}."),
     },
     "chat": {
-        "q": ("How was your {past}?", "Did you talk to {name}?", "Are you still working at {place}?",
-              "What are you doing on {day}?", "Have you seen the news?"),
+        "q": ("How was your {past}?", "Did you talk to {name}?",
+              "Are you still working at {place}?", "What are you doing on {day}?",
+              "Have you seen the news?"),
         "s": ("Work has been really {adj} lately.", "I saw {name} at {place} the other day.",
               "We went to {place} and it was {adj}.", "I've been meaning to call you for ages.",
               "It's been {weather} here all morning."),
@@ -118,7 +124,8 @@ TOPICS: dict[str, dict[str, tuple[str, ...]]] = {
 
 FILLERS = ("Well,", "So,", "Um,", "Oh,", "Actually,", "Right,", "Okay,", "You know,")
 # Backchannels: text, or espeak phoneme input in [[ ]] where the spelling would be read as letters.
-BACKCHANNELS = ("[[m@m'h@m]]", "yeah", "right", "okay", "uh huh", "hmm", "sure", "I see", "oh really")
+BACKCHANNELS = ("[[m@m'h@m]]", "yeah", "right", "okay", "uh huh", "hmm", "sure", "I see",
+                "oh really")
 # fmt: on
 
 
@@ -160,10 +167,13 @@ class Speaker:
 
     @staticmethod
     def sample(rng: random.Random, female: bool, avoid: str = "") -> Speaker:
+        """Draw a random espeak voice of the given sex, other than the variant ``avoid``."""
         variants = [v for v in (FEMALE_VARIANTS if female else MALE_VARIANTS) if v != avoid]
         voice = f"{rng.choice(ACCENTS)}+{rng.choice(variants)}"
         pitch = rng.randint(40, 80) if female else rng.randint(15, 55)
-        return Speaker(voice, pitch, rng.randint(140, 200), rng.randint(80, 140), rng.uniform(-8.0, 0.0))
+        return Speaker(
+            voice, pitch, rng.randint(140, 200), rng.randint(80, 140), rng.uniform(-8.0, 0.0)
+        )
 
 
 def synthesize(text: str, speaker: Speaker) -> np.ndarray:
@@ -392,8 +402,8 @@ def generate_corpus(
     if jobs:
         took = time.perf_counter() - started
         print(
-            f"wrote {len(jobs)} conversations, {audio_seconds / 3600:.2f} h of audio in {took:.0f} s "
-            f"({took / len(jobs):.2f} s each, {audio_seconds / took:.0f}x real time)",
+            f"wrote {len(jobs)} conversations, {audio_seconds / 3600:.2f} h of audio in {took:.0f} "
+            f"s ({took / len(jobs):.2f} s each, {audio_seconds / took:.0f}x real time)",
             file=sys.stderr,
         )
     return paths
@@ -401,7 +411,9 @@ def generate_corpus(
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line: `python -m hertz_agents.train.synth --out data/synth --train 300 --val 16`."""
-    p = argparse.ArgumentParser(prog="hertz_agents.train.synth", description=(__doc__ or "").split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="hertz_agents.train.synth", description=(__doc__ or "").split("\n\n")[0]
+    )
     p.add_argument("--out", required=True, help="corpus root; writes OUT/train and OUT/val")
     p.add_argument("--train", type=int, default=300, help="training conversations")
     p.add_argument("--val", type=int, default=16, help="validation conversations")

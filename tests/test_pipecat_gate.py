@@ -7,7 +7,9 @@ import asyncio
 import numpy as np
 import pytest
 
-pytest.importorskip("pipecat", reason="the Pipecat adapter needs `pip install 'hertz-agents[pipecat]'`")
+pytest.importorskip(
+    "pipecat", reason="the Pipecat adapter needs `pip install 'hertz-agents[pipecat]'`"
+)
 
 from pipecat.frames.frames import (  # noqa: E402
     BotStartedSpeakingFrame,
@@ -47,7 +49,9 @@ def test_gate_passes_speech_unchanged_and_zeroes_near_silence():
     assert gate.is_open and opened[0] == 0.0 and opened[-1] == loud[-1], "fades in, then passes"
     assert np.array_equal(gate.process(loud, loud_rms, SAMPLE_RATE), loud)
     closing = gate.process(quiet, quiet_rms, SAMPLE_RATE)
-    assert not gate.is_open and closing[0] == quiet[0] and not closing[100:].any(), "fades out, then zeros"
+    assert not gate.is_open and closing[0] == quiet[0] and not closing[100:].any(), (
+        "fades out, then zeros"
+    )
 
 
 def test_gate_hysteresis_and_hangover_keep_soft_word_endings():
@@ -71,8 +75,22 @@ def test_gate_disabled_passes_everything():
 
 def test_pacer_admits_jittery_steps_and_early_pairs():
     pacer = OutputPacer(max_lead=0.1, patience=3)
-    jitter = [0.0, 0.06, -0.06, 0.03, -0.05, 0.0, 0.0, -0.124, 0.0, 0.0]  # up to 60 ms off, one pair
-    assert [pacer.admit(STEP_SECONDS, k * STEP_SECONDS + j) for k, j in enumerate(jitter)] == [0.0] * 10
+    # up to 60 ms off, one pair
+    jitter = [
+        0.0,
+        0.06,
+        -0.06,
+        0.03,
+        -0.05,
+        0.0,
+        0.0,
+        -0.124,
+        0.0,
+        0.0,
+    ]
+    assert [pacer.admit(STEP_SECONDS, k * STEP_SECONDS + j) for k, j in enumerate(jitter)] == [
+        0.0
+    ] * 10
     assert pacer.dropped_steps == 0
 
 
@@ -81,7 +99,9 @@ def test_pacer_drops_a_stall_backlog_until_the_queue_is_short_again():
     for k in range(4):
         assert pacer.admit(STEP_SECONDS, k * STEP_SECONDS) == 0.0
     burst_at = 4 * STEP_SECONDS + 0.5  # a 500 ms stall, then four steps at once, then regular steps
-    arrivals = [burst_at + 0.001 * i for i in range(4)] + [burst_at + k * STEP_SECONDS for k in range(1, 6)]
+    arrivals = [burst_at + 0.001 * i for i in range(4)] + [
+        burst_at + k * STEP_SECONDS for k in range(1, 6)
+    ]
     played = [pacer.admit(STEP_SECONDS, t) is not None for t in arrivals]
     assert played == [True, True, True, False, False, False, True, True, True]
     assert pacer.lead(arrivals[-1]) <= STEP_SECONDS, "back to one step queued: no lasting latency"
@@ -94,7 +114,9 @@ def test_pacer_removes_a_lasting_lead_in_silence_only():
     assert [pacer.admit(STEP_SECONDS, t) for t in arrivals] == [0.0] * 13, "speech is never cut"
     at = arrivals[-1] + STEP_SECONDS
     assert pacer.lead(at) == pytest.approx(0.08)
-    assert pacer.admit(STEP_SECONDS, at, silent_end=0.03) == pytest.approx(0.03), "no more than its silence"
+    assert pacer.admit(STEP_SECONDS, at, silent_end=0.03) == pytest.approx(0.03), (
+        "no more than its silence"
+    )
     at += STEP_SECONDS
     assert pacer.lead(at) == pytest.approx(0.05)
     for k in range(8):  # a second of speech, then a pause
@@ -116,7 +138,9 @@ async def speaking_events(tiny_model_dir, gate_db: float | None) -> tuple[int, i
     burst = 0.1 * np.sin(2 * np.pi * 180 * t)
     gap = 0.001 * rng.standard_normal(int(1.2 * SAMPLE_RATE))
     audio = np.concatenate([gap[:4000], burst, gap, burst, gap, burst, gap]).astype(np.float32)
-    service = HertzDuplexService(model=engine, settings=HertzDuplexSettings(gate_threshold_db=gate_db))
+    service = HertzDuplexService(
+        model=engine, settings=HertzDuplexSettings(gate_threshold_db=gate_db)
+    )
     speaker = FakeSpeaker()
     log = FrameLog(speaker, BotStartedSpeakingFrame, BotStoppedSpeakingFrame)
     ended = {}
@@ -127,7 +151,10 @@ async def speaking_events(tiny_model_dir, gate_db: float | None) -> tuple[int, i
 
     try:
         await run_pipeline(
-            [service, speaker], feed, observers=[log], params=PipelineParams(audio_out_sample_rate=SAMPLE_RATE)
+            [service, speaker],
+            feed,
+            observers=[log],
+            params=PipelineParams(audio_out_sample_rate=SAMPLE_RATE),
         )
     finally:
         engine.close()
@@ -138,11 +165,13 @@ async def speaking_events(tiny_model_dir, gate_db: float | None) -> tuple[int, i
     )
 
 
+@pytest.mark.integration  # a real-time Pipecat pipeline on an engine
 async def test_gated_model_starts_and_stops_speaking_with_its_bursts(tiny_model_dir):
     started, stopped = await speaking_events(tiny_model_dir, gate_db=-45)
     assert (started, stopped) == (3, 3)
 
 
+@pytest.mark.integration  # a real-time Pipecat pipeline on an engine
 async def test_ungated_faint_noise_counts_as_speech_forever(tiny_model_dir):
     """The control for the test above: without the gate the bot never stops speaking."""
     started, stopped = await speaking_events(tiny_model_dir, gate_db=None)
@@ -151,11 +180,14 @@ async def test_ungated_faint_noise_counts_as_speech_forever(tiny_model_dir):
 
 def test_threshold_settings():
     assert threshold_db(-40.0, 0.5) == -40.0 and threshold_db(None, 0.5) is None
-    assert threshold_db("auto", None) == DEFAULT_THRESHOLD_DB, "unknown quiet level (a remote engine)"
+    assert threshold_db("auto", None) == DEFAULT_THRESHOLD_DB, (
+        "unknown quiet level (a remote engine)"
+    )
     assert threshold_db("auto", 0.0) == MIN_THRESHOLD_DB, "a model that is silent when quiet"
     assert threshold_db("auto", 0.01) == pytest.approx(-40.0 + AUTO_MARGIN_DB)
 
 
+@pytest.mark.integration  # a real-time Pipecat pipeline on an engine
 async def test_auto_gate_is_set_from_the_models_quiet_level(tiny_model_dir):
     """The tiny model makes noise at one level whatever it hears: its quiet level. Measured, the
     auto gate calls all of it silence; a gate at -45 dBFS would call it speech."""
@@ -166,7 +198,10 @@ async def test_auto_gate_is_set_from_the_models_quiet_level(tiny_model_dir):
     audio = speech_like(1.0, SAMPLE_RATE)
     frames = []
     for i in range(0, len(audio), 320):
-        frames += [InputAudioRawFrame(to_pcm16(audio[i : i + 320]), SAMPLE_RATE, 1), SleepFrame(0.02)]
+        frames += [
+            InputAudioRawFrame(to_pcm16(audio[i : i + 320]), SAMPLE_RATE, 1),
+            SleepFrame(0.02),
+        ]
     down, _ = await run_test(service, frames_to_send=frames, start_timeout=30)
     speech = [f for f in down if isinstance(f, SpeechOutputAudioRawFrame)]
     assert len(speech) > 20 and not any(any(f.audio) for f in speech)

@@ -13,7 +13,9 @@ import time
 import numpy as np
 import pytest
 
-pytest.importorskip("pipecat", reason="the Pipecat adapter needs `pip install 'hertz-agents[pipecat]'`")
+pytest.importorskip(
+    "pipecat", reason="the Pipecat adapter needs `pip install 'hertz-agents[pipecat]'`"
+)
 
 from pipecat.frames.frames import InputAudioRawFrame, SpeechOutputAudioRawFrame  # noqa: E402
 from pipecat.pipeline.worker import PipelineParams  # noqa: E402
@@ -58,7 +60,9 @@ async def test_service_adds_under_10_ms_on_top_of_one_step(tiny_model_dir):
         await asyncio.sleep(0.3)
 
     try:
-        await run_pipeline([into, service, out], feed, params=PipelineParams(audio_out_sample_rate=SAMPLE_RATE))
+        await run_pipeline(
+            [into, service, out], feed, params=PipelineParams(audio_out_sample_rate=SAMPLE_RATE)
+        )
     finally:
         engine.close()
     assert service.dropped_steps == 0
@@ -78,7 +82,8 @@ async def test_service_adds_under_10_ms_on_top_of_one_step(tiny_model_dir):
         f"p90 {np.percentile(overhead, 90) * 1000:.2f} ms, max {overhead.max() * 1000:.2f} ms; "
         f"worst sample latency {worst_sample.max() * 1000:.1f} ms"
     )
-    assert np.median(overhead) < TARGET_OVERHEAD_S  # p90 too on a quiet machine; CI's CPUs are shared
+    # p90 too on a quiet machine; CI's CPUs are shared
+    assert np.median(overhead) < TARGET_OVERHEAD_S
     assert np.percentile(worst_sample, 90) <= STEP_SECONDS + TARGET_OVERHEAD_S
 
 
@@ -92,7 +97,9 @@ async def playout_delays(
     speaker = FakeSpeaker()
     # Speech in 1.1 s stretches with 0.5 s pauses (where a remaining lead can be cut).
     pause = np.zeros(SAMPLE_RATE // 2, dtype=np.float32)
-    audio = np.concatenate([part for k in range(4) for part in (speech_like(1.1, SAMPLE_RATE, seed=40 + k), pause)])
+    audio = np.concatenate(
+        [part for k in range(4) for part in (speech_like(1.1, SAMPLE_RATE, seed=40 + k), pause)]
+    )
     start = {}
 
     async def feed(worker):
@@ -107,7 +114,9 @@ async def playout_delays(
         await asyncio.sleep(0.5)
 
     try:
-        await run_pipeline([service, speaker], feed, params=PipelineParams(audio_out_sample_rate=SAMPLE_RATE))
+        await run_pipeline(
+            [service, speaker], feed, params=PipelineParams(audio_out_sample_rate=SAMPLE_RATE)
+        )
     finally:
         engine.close()
     t0 = start["t0"]
@@ -122,8 +131,8 @@ async def test_a_500_ms_stall_leaves_no_lasting_latency(tiny_model_dir):
     before, after, service = await playout_delays(tiny_model_dir, max_output_lead_ms=100)
     print(
         f"\nplayout delay before the stall {before * 1000:.0f} ms, after {after * 1000:.0f} ms; "
-        f"{service.dropped_steps} steps of the backlog dropped, {service.trimmed_seconds * 1000:.0f} ms of "
-        "silence cut"
+        f"{service.dropped_steps} steps of the backlog dropped, "
+        f"{service.trimmed_seconds * 1000:.0f} ms of silence cut"
     )
     assert after - before <= 0.03  # the stall itself was 0.5 s
     assert service.dropped_steps >= 2

@@ -1,5 +1,7 @@
-"""The same HertzDuplexService on a remote engine: model="hertz://host:port", served by the project's
-inference server (hertz_agents.server) on loopback, in this process."""
+"""The same HertzDuplexService on a remote engine: model="hertz://host:port".
+
+The engine is served by the project's inference server (hertz_agents.server) on loopback, in
+this process."""
 
 from __future__ import annotations
 
@@ -8,8 +10,12 @@ import asyncio
 import numpy as np
 import pytest
 
-pytest.importorskip("pipecat", reason="the Pipecat adapter needs `pip install 'hertz-agents[pipecat]'`")
-pytest.importorskip("aiohttp", reason="the inference server needs `pip install 'hertz-agents[server]'`")
+pytest.importorskip(
+    "pipecat", reason="the Pipecat adapter needs `pip install 'hertz-agents[pipecat]'`"
+)
+pytest.importorskip(
+    "aiohttp", reason="the inference server needs `pip install 'hertz-agents[server]'`"
+)
 
 from aiohttp import web  # noqa: E402
 from pipecat.frames.frames import InputAudioRawFrame, SpeechOutputAudioRawFrame  # noqa: E402
@@ -27,7 +33,9 @@ async def test_the_service_talks_to_a_remote_engine(tiny_model_dir):
     """The echo model behind the server: what comes back through the network is what was sent."""
     engine = identity_engine(tiny_model_dir)
     runner = web.AppRunner(
-        HertzServer(engine, ServerConfig(token=TOKEN)).make_app(), access_log=None, shutdown_timeout=0.5
+        HertzServer(engine, ServerConfig(token=TOKEN)).make_app(),
+        access_log=None,
+        shutdown_timeout=0.5,
     )
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", 0).start()
@@ -41,7 +49,9 @@ async def test_the_service_talks_to_a_remote_engine(tiny_model_dir):
         await asyncio.sleep(0.4)
 
     try:
-        await run_pipeline([into, service, out], feed, params=PipelineParams(audio_out_sample_rate=SAMPLE_RATE))
+        await run_pipeline(
+            [into, service, out], feed, params=PipelineParams(audio_out_sample_rate=SAMPLE_RATE)
+        )
     finally:
         await runner.cleanup()
         engine.close()

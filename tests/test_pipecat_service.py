@@ -12,8 +12,11 @@ import time
 import numpy as np
 import pytest
 
-pytest.importorskip("pipecat", reason="the Pipecat adapter needs `pip install 'hertz-agents[pipecat]'`")
+pytest.importorskip(
+    "pipecat", reason="the Pipecat adapter needs `pip install 'hertz-agents[pipecat]'`"
+)
 
+from early_audio import assert_heard_from_the_first_sample, caller_audio, open_late  # noqa: E402
 from pipecat.frames.frames import (  # noqa: E402
     ErrorFrame,
     InputAudioRawFrame,
@@ -59,7 +62,7 @@ def audio_of(frames) -> list[SpeechOutputAudioRawFrame]:
 
 
 class SessionSpy(Probe):
-    """Remembers every session the service had while audio flowed (sessions end with the pipeline)."""
+    """Remembers every session the service had while audio flowed (they end with the pipeline)."""
 
     def __init__(self, service: HertzDuplexService) -> None:
         super().__init__(SpeechOutputAudioRawFrame)
@@ -74,18 +77,26 @@ class SessionSpy(Probe):
 
 async def test_caller_audio_in_model_speech_out_at_pipeline_rate_other_frames_pass(tiny_model_dir):
     service = HertzDuplexService(model=tiny_model_dir)
-    frames = caller_frames(1.5)
+    frames = caller_frames(1.5) + [SleepFrame(0.5)]  # the last steps come out before the end
     frames.insert(10, TextFrame("passes through"))
     down, up = await run_test(
-        service, frames_to_send=frames, start_timeout=30, pipeline_params=PipelineParams(audio_out_sample_rate=24000)
+        service,
+        frames_to_send=frames,
+        start_timeout=30,
+        pipeline_params=PipelineParams(audio_out_sample_rate=24000),
     )
     speech = audio_of(down)
-    assert not any(isinstance(f, InputAudioRawFrame) for f in down), "caller audio is consumed, not passed on"
+    sent = sum(isinstance(f, InputAudioRawFrame) for f in frames)
+    assert sum(isinstance(f, InputAudioRawFrame) for f in down) == sent, (
+        "caller audio passes on by default"
+    )
     assert [f.text for f in down if isinstance(f, TextFrame)] == ["passes through"]
     assert speech, "the model produced no audio"
     assert {f.sample_rate for f in speech} == {24000} and {f.num_channels for f in speech} == {1}
     assert max(f.num_frames for f in speech) == int(24000 * 0.02), "frames are at most 20 ms"
-    assert not any(f.interruptible for f in speech), "full duplex: transports must not drop model audio"
+    assert not any(f.interruptible for f in speech), (
+        "full duplex: transports must not drop model audio"
+    )
     # One step of audio per input step (the output resampler may still hold a few ms).
     heard_steps = int(1.5 / STEP_SECONDS)
     played = sum(f.num_frames for f in speech) / 24000
@@ -93,12 +104,11 @@ async def test_caller_audio_in_model_speech_out_at_pipeline_rate_other_frames_pa
     assert not [f for f in up if isinstance(f, ErrorFrame)]
 
 
-async def test_audio_passthrough_pushes_caller_audio_on(tiny_model_dir):
-    service = HertzDuplexService(model=tiny_model_dir, audio_passthrough=True)
-    frames = caller_frames(0.5)
-    down, _ = await run_test(service, frames_to_send=frames, start_timeout=30)
-    sent = sum(isinstance(f, InputAudioRawFrame) for f in frames)
-    assert sum(isinstance(f, InputAudioRawFrame) for f in down) == sent
+async def test_audio_passthrough_off_consumes_caller_audio(tiny_model_dir):
+    service = HertzDuplexService(model=tiny_model_dir, audio_passthrough=False)
+    down, _ = await run_test(service, frames_to_send=caller_frames(0.5), start_timeout=30)
+    assert not any(isinstance(f, InputAudioRawFrame) for f in down)
+    assert audio_of(down), "the model still talks"
 
 
 async def test_interruption_passes_through_and_the_model_keeps_talking(tiny_model_dir):
@@ -113,7 +123,9 @@ async def test_interruption_passes_through_and_the_model_keeps_talking(tiny_mode
 async def test_settings_update_changes_sampling_while_running(tiny_model_dir):
     service = HertzDuplexService(model=tiny_model_dir)
     spy = SessionSpy(service)
-    update = ServiceUpdateSettingsFrame(delta=HertzDuplexSettings(token_temp=0.3, top_p=0.9, gate_threshold_db=-50))
+    update = ServiceUpdateSettingsFrame(
+        delta=HertzDuplexSettings(token_temp=0.3, top_p=0.9, gate_threshold_db=-50)
+    )
     frames = caller_frames(0.5) + [update] + caller_frames(0.5)
     await run_test(Pipeline([service, spy]), frames_to_send=frames, start_timeout=30)
     sampling = spy.sessions[-1].sampling
@@ -126,7 +138,9 @@ async def test_legacy_mapping_update_targeted_at_the_service(tiny_model_dir):
     spy = SessionSpy(service)
     update = ServiceUpdateSettingsFrame(settings={"temperature": 0.5}, service=service)
     await run_test(
-        Pipeline([service, spy]), frames_to_send=caller_frames(0.3) + [update] + caller_frames(0.5), start_timeout=30
+        Pipeline([service, spy]),
+        frames_to_send=caller_frames(0.3) + [update] + caller_frames(0.5),
+        start_timeout=30,
     )
     assert spy.sessions[-1].sampling.token_temp == 0.5
 
@@ -157,30 +171,43 @@ async def test_prompt_change_restarts_the_conversation(tiny_model_dir, tmp_path)
     spy = SessionSpy(service)
     update = ServiceUpdateSettingsFrame(delta=HertzDuplexSettings(prompt=str(prompt)))
     down, up = await run_test(
-        Pipeline([service, spy]), start_timeout=30, frames_to_send=caller_frames(0.5) + [update] + caller_frames(1.0)
+        Pipeline([service, spy]),
+        start_timeout=30,
+        frames_to_send=caller_frames(0.5) + [update] + caller_frames(2.0),
     )
     assert len(spy.sessions) == 2 and spy.sessions[0].closed
     assert not [f for f in up if isinstance(f, ErrorFrame)]
 
 
-async def test_metrics_report_ttfb_and_processing_time_per_step(tiny_model_dir):
+async def test_metrics_report_ttfb_and_processing_time_once_a_second(tiny_model_dir):
+    """Processing time is aggregated: one mean a second, not one MetricsFrame per model step."""
     service = HertzDuplexService(model=tiny_model_dir)
     down, _ = await run_test(
         service,
-        frames_to_send=caller_frames(1.5),
+        frames_to_send=caller_frames(2.5) + [SleepFrame(0.4)],
         start_timeout=30,
         pipeline_params=PipelineParams(enable_metrics=True, send_initial_empty_metrics=False),
     )
     data = [d for f in down if isinstance(f, MetricsFrame) for d in f.data]
     ttfb = [d.value for d in data if isinstance(d, TTFBMetricsData) and d.processor == service.name]
-    processing = [d.value for d in data if isinstance(d, ProcessingMetricsData) and d.processor == service.name]
-    assert len(ttfb) == 1 and STEP_SECONDS - 0.03 <= ttfb[0] < 2.0, ttfb  # at least one step of input
-    assert len(processing) >= int(1.5 / STEP_SECONDS) - 3
+    processing = [
+        d.value
+        for d in data
+        if isinstance(d, ProcessingMetricsData) and d.processor == service.name
+    ]
+    # at least one step of input
+    assert len(ttfb) == 1 and STEP_SECONDS - 0.03 <= ttfb[0] < 2.0, ttfb
+    # 2.5 s of input is 20 steps: one report per 8 steps that answered caller audio (each their
+    # mean), not 20 reports.
+    timed = service.stats.processing_s
+    assert len(timed) >= 8 and len(processing) == len(timed) // 8, (len(timed), processing)
+    assert processing[0] == pytest.approx(np.mean(timed[:8]))
     assert all(0 <= p < 2.0 for p in processing)
 
 
 async def test_ttfb_after_the_user_stops_speaking_ends_when_the_model_speaks(tiny_model_dir):
-    engine = identity_engine(tiny_model_dir)  # the model echoes: it "answers" when the caller speaks
+    # the model echoes: it "answers" when the caller speaks
+    engine = identity_engine(tiny_model_dir)
     try:
         service = HertzDuplexService(model=engine)
         quiet = [InputAudioRawFrame(bytes(640), SAMPLE_RATE, 1), SleepFrame(FRAME_S)] * 25
@@ -207,7 +234,9 @@ async def test_ttfb_after_the_user_stops_speaking_ends_when_the_model_speaks(tin
 
 async def test_missing_model_is_reported_and_the_pipeline_still_runs(tmp_path):
     service = HertzDuplexService(model=tmp_path / "no-such-model")
-    down, up = await run_test(service, frames_to_send=caller_frames(0.2) + [TextFrame("still here")], start_timeout=30)
+    down, up = await run_test(
+        service, frames_to_send=caller_frames(0.2) + [TextFrame("still here")], start_timeout=30
+    )
     errors = [f for f in up if isinstance(f, ErrorFrame)]
     assert len(errors) == 1 and "no-such-model" in errors[0].error
     assert [f.text for f in down if isinstance(f, TextFrame)] == ["still here"]
@@ -217,7 +246,9 @@ async def test_missing_model_is_reported_and_the_pipeline_still_runs(tmp_path):
 async def test_bad_caller_audio_is_reported_not_fatal(tiny_model_dir):
     service = HertzDuplexService(model=tiny_model_dir)
     odd = InputAudioRawFrame(b"\x00\x01\x02", SAMPLE_RATE, 1)  # half a sample
-    down, up = await run_test(service, frames_to_send=caller_frames(0.3) + [odd] + caller_frames(1.0), start_timeout=30)
+    down, up = await run_test(
+        service, frames_to_send=caller_frames(0.3) + [odd] + caller_frames(1.0), start_timeout=30
+    )
     errors = [f for f in up if isinstance(f, ErrorFrame)]
     assert len(errors) == 1 and "even length" in errors[0].error
     assert len(audio_of(down)) > 20
@@ -255,12 +286,18 @@ async def test_interleaved_frame_sizes_and_rates_are_accepted(tiny_model_dir):
     frames = []
     i = 0
     for size in [480, 960, 123, 2000, 441] * 12:
-        frames += [InputAudioRawFrame(to_pcm16(audio[i : i + size]), 48000, 1), SleepFrame(size / 48000)]
+        frames += [
+            InputAudioRawFrame(to_pcm16(audio[i : i + size]), 48000, 1),
+            SleepFrame(size / 48000),
+        ]
         i += size
+    frames.append(SleepFrame(0.5))  # the last steps come out before the pipeline ends
     down, up = await run_test(service, frames_to_send=frames, start_timeout=30)
     assert not [f for f in up if isinstance(f, ErrorFrame)]
     assert {f.sample_rate for f in audio_of(down)} == {16000}
-    assert np.isclose(sum(f.num_frames for f in audio_of(down)) / 16000, i / 48000, atol=3 * STEP_SECONDS)
+    assert np.isclose(
+        sum(f.num_frames for f in audio_of(down)) / 16000, i / 48000, atol=3 * STEP_SECONDS
+    )
 
 
 @pytest.mark.parametrize("ending", ["end", "cancel"])
@@ -284,3 +321,43 @@ async def test_ending_the_pipeline_frees_the_engine_slot(tiny_model_dir, ending)
         assert engine.active_sessions == 0
     finally:
         engine.close()
+
+
+async def test_caller_audio_sent_while_the_slot_opens_is_heard_from_its_first_sample(
+    tiny_model_dir, monkeypatch
+):
+    """The session is created at once and keeps early audio: the model hears every sample.
+
+    The feed starts at once, as a transport's input does, while the engine's open takes a second
+    (``open_late``); the echo model says back what it heard. The same check as the LiveKit
+    plugin's (test_livekit_plugin), with the same audio.
+    """
+    engine = identity_engine(tiny_model_dir)
+    open_late(engine, monkeypatch)
+    service = HertzDuplexService(
+        model=engine,
+        settings=HertzDuplexSettings(gate_threshold_db=None),
+        sample_rate=SAMPLE_RATE,
+        max_output_lead_ms=None,  # play every step: the check is what the model heard
+    )
+    out = Probe(SpeechOutputAudioRawFrame)
+    sent = caller_audio(2.0)
+    frame = int(SAMPLE_RATE * FRAME_S)
+    sessions = []
+
+    async def feed(worker):
+        t0 = time.monotonic()
+        for k, i in enumerate(range(0, len(sent), frame)):
+            await asyncio.sleep(max(0.0, t0 + k * FRAME_S - time.monotonic()))
+            pcm = sent[i : i + frame].tobytes()
+            await worker.queue_frame(InputAudioRawFrame(pcm, SAMPLE_RATE, 1))
+        await asyncio.sleep(0.6)  # the last steps come out
+        sessions.append(service.session)
+
+    try:
+        await run_pipeline([service, out], feed, feed_at_once=True)
+    finally:
+        engine.close()
+    assert sessions[0] is not None and sessions[0].metrics.dropped_input_steps == 0
+    back = np.concatenate([np.frombuffer(f.audio, dtype="<i2") for _, f in out.seen])
+    assert_heard_from_the_first_sample(sent, back, min_s=1.75)

@@ -2,10 +2,10 @@
 
 Fakes here, and why they are needed:
 
-- ``identity_engine``: the real ``Engine`` (worker thread, batching, stall and backlog policy)
-  whose network is replaced by the identity (each step's output is its input). The tiny model
-  makes noise unrelated to its input, so only an echo lets a test find which output belongs to
-  which input and measure latency by correlation.
+- ``identity_engine`` (from ``early_audio``): the real ``Engine`` whose network is replaced by
+  the identity (each step's output is its input). The tiny model makes noise unrelated to its
+  input, so only an echo lets a test find which output belongs to which input and measure latency
+  by correlation.
 - ``FakeSpeaker``: a Pipecat output transport that plays into a clock instead of a sound card,
   recording what it played and when. Pipecat's own output logic (chunking, bot-speaking
   detection, interruptions) runs unchanged above it.
@@ -14,11 +14,19 @@ Fakes here, and why they are needed:
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import signal
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
 
+import aiohttp
 import numpy as np
+from early_audio import identity_engine as identity_engine  # re-exported for the Pipecat tests
 from pipecat.frames.frames import EndFrame, Frame, InputAudioRawFrame
 from pipecat.observers.base_observer import BaseObserver, FramePushed
 from pipecat.pipeline.pipeline import Pipeline
@@ -28,24 +36,9 @@ from pipecat.transports.base_output import BaseOutputTransport
 from pipecat.transports.base_transport import TransportParams
 from pipecat.workers.runner import WorkerRunner
 
-from hertz_agents.checkpoint import load_model
-from hertz_agents.engine import Engine
 from hertz_agents.timing import SAMPLE_RATE, SAMPLES_PER_STEP, STEP_SECONDS
 
 ENVELOPE_HOP_S = 0.005
-
-
-def identity_engine(model_dir, *, compute_s: float = 0.0, max_sessions: int = 2) -> Engine:
-    """A real Engine whose model is replaced by the identity (a fake: see the module docstring)."""
-    engine = Engine(load_model(model_dir), max_sessions=max_sessions)
-
-    def echo(rows, active, audio, sampling, generators):
-        if compute_s:
-            time.sleep(compute_s)
-        return audio[:rows].clone()
-
-    engine.stepper.tick = echo  # type: ignore[method-assign]
-    return engine
 
 
 def speech_like(
@@ -91,7 +84,9 @@ def from_pcm16(b: bytes) -> np.ndarray:
     return np.frombuffer(b, dtype="<i2").astype(np.float32) / 32768
 
 
-def timeline(pieces: Sequence[tuple[float, np.ndarray]], t0: float, seconds: float, rate: int) -> np.ndarray:
+def timeline(
+    pieces: Sequence[tuple[float, np.ndarray]], t0: float, seconds: float, rate: int
+) -> np.ndarray:
     """Place (start time, samples) pieces on one signal that starts at ``t0``."""
     out = np.zeros(int(seconds * rate) + rate, dtype=np.float32)
     for start, samples in pieces:
@@ -143,7 +138,11 @@ def delay_s(
     active = er > np.log(1e-3)  # blocks louder than -60 dBFS
     starts = range(int(start_s / hop), end - step + 1, step)
     # A window that is mostly pause says nothing about the delay: only windows with sound count.
-    lags = [best_lag(es, er, a, a + step, int(max_delay_s / hop)) for a in starts if active[a : a + step].mean() > 0.4]
+    lags = [
+        best_lag(es, er, a, a + step, int(max_delay_s / hop))
+        for a in starts
+        if active[a : a + step].mean() > 0.4
+    ]
     if not lags:
         return 0.0, 0.0
     median = float(np.median(lags))
@@ -152,7 +151,11 @@ def delay_s(
 
 
 def playout_latencies(
-    audio: np.ndarray, rate: int, t0: float, frame_s: float, played: Sequence[tuple[float, np.ndarray]]
+    audio: np.ndarray,
+    rate: int,
+    t0: float,
+    frame_s: float,
+    played: Sequence[tuple[float, np.ndarray]],
 ) -> np.ndarray:
     """[k, 2]: (play time, latency) of every played chunk found verbatim in the caller's audio.
 
@@ -186,7 +189,9 @@ class FakeSpeaker(BaseOutputTransport):
     """
 
     def __init__(self, params: TransportParams | None = None, **kwargs) -> None:
-        super().__init__(params or TransportParams(audio_out_enabled=True, audio_out_10ms_chunks=2), **kwargs)
+        super().__init__(
+            params or TransportParams(audio_out_enabled=True, audio_out_10ms_chunks=2), **kwargs
+        )
         self.played: list[tuple[float, np.ndarray]] = []
         self._clock = 0.0
 
@@ -219,7 +224,10 @@ class Probe(FrameProcessor):
 
 
 class FrameLog(BaseObserver):
-    """Observer recording (monotonic time, frame) of frames of ``types`` pushed downstream by ``source``."""
+    """Observer recording (monotonic time, frame) of frames of ``types``.
+
+    Only frames pushed downstream by ``source`` count.
+    """
 
     def __init__(self, source: FrameProcessor, *types: type[Frame]) -> None:
         super().__init__()
@@ -241,10 +249,22 @@ async def run_pipeline(
     *,
     params: PipelineParams | None = None,
     observers: list[BaseObserver] | None = None,
+    feed_at_once: bool = False,
+    **worker_options,
 ) -> None:
-    """Run ``processors`` as a pipeline; ``feed(worker)`` queues frames, then the pipeline ends."""
+    """Run ``processors`` as a pipeline; ``feed(worker)`` queues frames, then the pipeline ends.
+
+    The feed starts once the pipeline has started (its ``StartFrame`` went through every
+    processor), or at once with ``feed_at_once``, as a transport's input does: it reads audio as
+    soon as it has started itself, whatever the processors after it are still doing.
+    ``worker_options`` go to ``PipelineWorker`` (by default the idle timeout cancels nothing).
+    """
+    worker_options.setdefault("cancel_on_idle_timeout", False)
     worker = PipelineWorker(
-        Pipeline(processors), params=params or PipelineParams(), observers=observers or [], cancel_on_idle_timeout=False
+        Pipeline(processors),
+        params=params or PipelineParams(),
+        observers=observers or [],
+        **worker_options,
     )
     started = asyncio.Event()
 
@@ -253,7 +273,8 @@ async def run_pipeline(
         started.set()
 
     async def drive() -> None:
-        await asyncio.wait_for(started.wait(), timeout=30)
+        if not feed_at_once:
+            await asyncio.wait_for(started.wait(), timeout=30)
         await feed(worker)
         await worker.queue_frame(EndFrame())
 
@@ -289,6 +310,67 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@contextlib.asynccontextmanager
+async def identity_server(model_dir, token: str = "pipecat-test-token-0123456789"):
+    """The project's inference server on loopback, in this process, serving ``identity_engine``
+    (a fake model that echoes); yields (engine, its ``hertz://`` URL)."""
+    from aiohttp import web
+
+    from hertz_agents.server.app import HertzServer, ServerConfig
+
+    engine = identity_engine(model_dir)
+    app = HertzServer(engine, ServerConfig(token=token)).make_app()
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        yield engine, f"hertz://127.0.0.1:{runner.addresses[0][1]}?token={token}"
+    finally:
+        await runner.cleanup()
+        engine.close()
+
+
+def _tail(log: Path) -> str:
+    return log.read_text()[-3000:]
+
+
+def _spawn(command: list[str], log: Path, env: dict | None) -> subprocess.Popen:
+    with open(log, "w") as out:  # the child keeps its own copy of the descriptor
+        env = {**os.environ, **(env or {})}
+        return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
+
+
+@contextlib.asynccontextmanager
+async def example_bot(example: Path, *args: str, log: Path, env: dict | None = None, timeout=120.0):
+    """Run an example bot as a user does, under Pipecat's development runner, in a subprocess on
+    a free local port; yields its base URL once it answers (its output goes to ``log``)."""
+    port = free_port()
+    command = [sys.executable, str(example), *args, "--host", "127.0.0.1", "--port", str(port)]
+    url = f"http://127.0.0.1:{port}"
+    bot = _spawn(command, log, env)
+    try:
+        deadline = time.monotonic() + timeout
+        async with aiohttp.ClientSession() as http:
+            while True:
+                assert bot.poll() is None, f"the bot exited: {_tail(log)}"
+                try:
+                    async with http.get(f"{url}/api/model") as response:
+                        if response.status == 200:
+                            break
+                except aiohttp.ClientError:
+                    pass
+                assert time.monotonic() < deadline, f"the bot did not start: {_tail(log)}"
+                await asyncio.sleep(0.3)
+        yield url
+    finally:
+        bot.send_signal(signal.SIGINT)
+        try:
+            await asyncio.to_thread(bot.wait, 20)
+        except subprocess.TimeoutExpired:
+            bot.kill()
+            bot.wait()
+
+
 __all__ = [
     "SAMPLE_RATE",
     "SAMPLES_PER_STEP",
@@ -298,10 +380,12 @@ __all__ = [
     "Probe",
     "delay_s",
     "envelope",
+    "example_bot",
     "feed_realtime",
     "free_port",
     "from_pcm16",
     "identity_engine",
+    "identity_server",
     "playout_latencies",
     "run_pipeline",
     "speech_like",

@@ -14,8 +14,8 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
+from hertz_agents.backend import is_remote_url
 from hertz_agents.engine import Engine, load_engine, measure_quiet_level
-from hertz_agents.session import REMOTE_SCHEME
 
 _executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hertz-load")
 _loads: dict[str, Future[Engine]] = {}
@@ -31,7 +31,7 @@ def _load_and_measure(model: str | os.PathLike[str], **engine_options: Any) -> E
 def is_loadable(model: Any) -> bool:
     """True for a model name or directory (loaded here); False for an engine or a hertz:// URL."""
     if isinstance(model, str):
-        return not model.startswith(REMOTE_SCHEME)
+        return not is_remote_url(model)
     return isinstance(model, os.PathLike)
 
 
@@ -44,7 +44,9 @@ def start_loading(model: str | os.PathLike[str], **engine_options: Any) -> Futur
     key = os.fspath(model)
     with _lock:
         future = _loads.get(key)
-        if future is None or (future.done() and (future.cancelled() or future.exception() is not None)):
+        if future is None or (
+            future.done() and (future.cancelled() or future.exception() is not None)
+        ):
             future = _executor.submit(_load_and_measure, model, **engine_options)
             _loads[key] = future
         return future

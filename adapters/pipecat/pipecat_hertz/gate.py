@@ -27,7 +27,10 @@ AUTO = "auto"
 """Threshold setting: from the model's measured quiet level."""
 
 DEFAULT_THRESHOLD_DB = -45.0
-"""The threshold (RMS, dBFS) when the quiet level is unknown. Speech is typically -35 to -15 dBFS."""
+"""The threshold (RMS, dBFS) when the quiet level is unknown.
+
+Speech is typically -35 to -15 dBFS.
+"""
 
 AUTO_MARGIN_DB = 10.0
 """How far above the model's quiet level a step must be to open the gate."""
@@ -53,7 +56,8 @@ class SpeechGate:
     Args:
         threshold_db: RMS level (dBFS, of the 16 kHz step) at which a closed gate opens.
             None disables the gate: every step passes unchanged.
-        hysteresis_db: An open gate stays open while steps are above ``threshold_db - hysteresis_db``.
+        hysteresis_db: An open gate stays open while steps are above
+            ``threshold_db - hysteresis_db``.
         hangover_steps: Quiet steps that still pass before the gate closes.
         fade_ms: Length of the ramps applied when the gate opens or closes.
     """
@@ -85,10 +89,11 @@ class SpeechGate:
         return False
 
     def process(self, audio: np.ndarray, level_rms: float, sample_rate: int) -> np.ndarray:
-        """Gate one step of audio (float32 ``[n]`` at ``sample_rate``); ``level_rms`` is its 16 kHz RMS.
+        """Gate one step of audio (float32 ``[n]`` at ``sample_rate``).
 
-        Returns the audio to play: unchanged while open, zeros while closed, with ramps on the
-        step where the gate changes state. ``is_open`` tells the state after this step.
+        ``level_rms`` is the step's RMS at 16 kHz. Returns the audio to play: unchanged while
+        open, zeros while closed, with ramps on the step where the gate changes state.
+        ``is_open`` tells the state after this step.
         """
         if self.threshold_db is None:
             self.is_open = True

@@ -56,8 +56,9 @@ class OutputPacer:
         return max(0.0, self._play_end - now)
 
     def admit(self, duration: float, now: float, *, silent_end: float = 0.0) -> float | None:
-        """Plan the playout of a step of ``duration`` seconds, ready at ``now``, whose last
-        ``silent_end`` seconds are silence.
+        """Plan the playout of a step of ``duration`` seconds that is ready at ``now``.
+
+        The step's last ``silent_end`` seconds are silence.
 
         Returns None to drop the step, else the seconds to cut from its end (0.0 to play it
         whole; never more than its silent end).
@@ -83,5 +84,6 @@ class OutputPacer:
         return cut
 
     def reset(self) -> None:
+        """Forget the planned playout, the over-lead count and the measured leads (a new call)."""
         self._play_end, self._over = 0.0, 0
         self._leads.clear()

@@ -26,7 +26,7 @@ from livekit import api
 
 
 def inbound_trunk_request(args: argparse.Namespace) -> api.CreateSIPInboundTrunkRequest:
-    """An inbound trunk that accepts calls to ``args.number`` (optionally only from listed callers)."""
+    """An inbound trunk for calls to ``args.number`` (optionally only from listed callers)."""
     return api.CreateSIPInboundTrunkRequest(
         trunk=api.SIPInboundTrunkInfo(
             name=f"{args.name} trunk",
@@ -36,8 +36,10 @@ def inbound_trunk_request(args: argparse.Namespace) -> api.CreateSIPInboundTrunk
     )
 
 
-def dispatch_rule_request(args: argparse.Namespace, trunk_ids: list[str]) -> api.CreateSIPDispatchRuleRequest:
-    """One room per caller (``<prefix><caller>_<random>``), with the named agent dispatched into it."""
+def dispatch_rule_request(
+    args: argparse.Namespace, trunk_ids: list[str]
+) -> api.CreateSIPDispatchRuleRequest:
+    """One room per caller (``<prefix><caller>_<random>``), the named agent dispatched into it."""
     return api.CreateSIPDispatchRuleRequest(
         dispatch_rule=api.SIPDispatchRuleInfo(
             name=args.name,
@@ -45,7 +47,9 @@ def dispatch_rule_request(args: argparse.Namespace, trunk_ids: list[str]) -> api
             rule=api.SIPDispatchRule(
                 dispatch_rule_individual=api.SIPDispatchRuleIndividual(room_prefix=args.room_prefix)
             ),
-            room_config=api.RoomConfiguration(agents=[api.RoomAgentDispatch(agent_name=args.agent_name)]),
+            room_config=api.RoomConfiguration(
+                agents=[api.RoomAgentDispatch(agent_name=args.agent_name)]
+            ),
         )
     )
 
@@ -71,17 +75,31 @@ async def run(args: argparse.Namespace) -> int:
         f"{', '.join(rule.trunk_ids) or 'every inbound trunk'} go to agent {args.agent_name!r} "
         f"in rooms named {args.room_prefix}<caller>_<random>"
     )
-    print(f"now run the worker: python examples/livekit_agent.py --agent-name {args.agent_name} start")
+    print(
+        f"now run the worker: python examples/livekit_agent.py --agent-name {args.agent_name} start"
+    )
     return 0
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--agent-name", required=True, help="the worker's --agent-name / HERTZ_AGENT_NAME")
-    parser.add_argument("--trunk-id", action="append", default=[], help="an existing inbound trunk (repeatable)")
-    parser.add_argument("--number", action="append", default=[], help="create an inbound trunk for this number")
-    parser.add_argument("--allowed-caller", action="append", help="with --number: accept only these callers")
-    parser.add_argument("--room-prefix", default="call-", help="rooms are named <prefix><caller>_<random>")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--agent-name", required=True, help="the worker's --agent-name / HERTZ_AGENT_NAME"
+    )
+    parser.add_argument(
+        "--trunk-id", action="append", default=[], help="an existing inbound trunk (repeatable)"
+    )
+    parser.add_argument(
+        "--number", action="append", default=[], help="create an inbound trunk for this number"
+    )
+    parser.add_argument(
+        "--allowed-caller", action="append", help="with --number: accept only these callers"
+    )
+    parser.add_argument(
+        "--room-prefix", default="call-", help="rooms are named <prefix><caller>_<random>"
+    )
     parser.add_argument("--name", default="hertz-dev inbound", help="name of the rule (and trunk)")
     parser.add_argument("--url", help="LiveKit server URL (default: $LIVEKIT_URL)")
     parser.add_argument("--dry-run", action="store_true", help="print the requests, send nothing")

@@ -31,7 +31,9 @@ from hertz_agents.audio import RESAMPLE_QUALITY  # noqa: E402
 from hertz_agents.timing import SAMPLE_RATE, SAMPLES_PER_STEP  # noqa: E402
 
 OUT_RATE = 24_000
-QUIET = hertz.GateOptions(silence_rms=0.01)  # the tiny model's noise (~0.1) is 10x this: always "speech"
+QUIET = hertz.GateOptions(
+    silence_rms=0.01
+)  # the tiny model's noise (~0.1) is 10x this: always "speech"
 
 
 class ToneInput(io.AudioInput):
@@ -57,10 +59,14 @@ class ToneInput(io.AudioInput):
 
 
 class CaptureOutput(io.AudioOutput):
-    """A speaker that plays instantly and keeps every frame; counts the framework's interruptions."""
+    """A speaker that plays instantly and keeps every frame; counts the framework's interrupts."""
 
     def __init__(self) -> None:
-        super().__init__(label="capture", capabilities=io.AudioOutputCapabilities(pause=False), sample_rate=OUT_RATE)
+        super().__init__(
+            label="capture",
+            capabilities=io.AudioOutputCapabilities(pause=False),
+            sample_rate=OUT_RATE,
+        )
         self.frames: list[rtc.AudioFrame] = []
         self.cleared = 0
         self._segment = 0.0
@@ -85,15 +91,27 @@ class CaptureOutput(io.AudioOutput):
             self._segment = 0.0
 
     def audio(self) -> np.ndarray:
-        return np.concatenate([np.frombuffer(f.data, np.int16) for f in self.frames]).astype(np.float32) / 32767
+        return (
+            np.concatenate([np.frombuffer(f.data, np.int16) for f in self.frames]).astype(
+                np.float32
+            )
+            / 32767
+        )
 
 
 def full_duplex_session(model: hertz.DuplexModel) -> AgentSession:
     """The settings docs/livekit.md explains: no VAD, no AEC warm-up, the model owns turn-taking."""
-    return AgentSession(llm=model, vad=None, aec_warmup_duration=None, turn_handling={"turn_detection": "realtime_llm"})
+    return AgentSession(
+        llm=model,
+        vad=None,
+        aec_warmup_duration=None,
+        turn_handling={"turn_detection": "realtime_llm"},
+    )
 
 
-async def run_call(model: hertz.DuplexModel, seconds: float, *, start: float | None = None, caller_barges_in=False):
+async def run_call(
+    model: hertz.DuplexModel, seconds: float, *, start: float | None = None, caller_barges_in=False
+):
     session = full_duplex_session(model)
     session.input.audio = ToneInput(seconds, start=start)
     out = session.output.audio = CaptureOutput()
@@ -115,10 +133,10 @@ async def run_call(model: hertz.DuplexModel, seconds: float, *, start: float | N
     return out, states, metrics, cleared
 
 
-
-
 @pytest.mark.parametrize("in_job", [False, True], ids=["plain", "fake_job_context"])
-async def test_every_model_sample_reaches_the_speaker_and_the_caller_never_cuts_it(engine, tmp_path, in_job):
+async def test_every_model_sample_reaches_the_speaker_and_the_caller_never_cuts_it(
+    engine, tmp_path, in_job
+):
     model = hertz.DuplexModel(model=engine, sample_rate=OUT_RATE, gate=QUIET, record_dir=tmp_path)
     if in_job:
         with fake_job_context() as ctx:
@@ -136,7 +154,9 @@ async def test_every_model_sample_reaches_the_speaker_and_the_caller_never_cuts_
     model_16k = recording[SAMPLES_PER_STEP:, 1]  # the recording plays the model one step late
     played = out.audio()
     expected = soxr.resample(model_16k, SAMPLE_RATE, OUT_RATE, quality=RESAMPLE_QUALITY)
-    n = min(played.shape[0], expected.shape[0]) - OUT_RATE // 10  # the stream's tail is still held back
+    n = (
+        min(played.shape[0], expected.shape[0]) - OUT_RATE // 10
+    )  # the stream's tail is still held back
     assert n > 2 * OUT_RATE
     np.testing.assert_allclose(played[:n], expected[:n], atol=3e-3)
 

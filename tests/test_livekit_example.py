@@ -23,12 +23,21 @@ from hertz_agents.engine import loaded_engines  # noqa: E402
 
 
 def import_example(monkeypatch, **env: str):
-    for name in ("HERTZ_MODEL", "HERTZ_AGENT_NAME", "HERTZ_SILENCE_RMS", "HERTZ_MAX_SESSIONS", "HERTZ_LIVEKIT_IO"):
+    for name in (
+        "HERTZ_MODEL",
+        "HERTZ_AGENT_NAME",
+        "HERTZ_SILENCE_RMS",
+        "HERTZ_MAX_SESSIONS",
+        "HERTZ_LIVEKIT_IO",
+        "HERTZ_EXECUTOR",
+    ):
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     monkeypatch.setattr(sys, "argv", ["livekit_agent.py"])
-    spec = importlib.util.spec_from_file_location("livekit_agent_under_test", ROOT / "examples" / "livekit_agent.py")
+    spec = importlib.util.spec_from_file_location(
+        "livekit_agent_under_test", ROOT / "examples" / "livekit_agent.py"
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -38,25 +47,41 @@ def test_the_worker_runs_calls_in_threads_and_reports_engine_slots_as_its_load(m
     example = import_example(monkeypatch)
     server = example.server
     assert server._job_executor_type == JobExecutorType.THREAD  # every call in this process
-    assert server.load_fnc is hertz.worker_load
+    assert isinstance(server.load_fnc, hertz.WorkerLoad)
     assert server._load_threshold == 1.0  # full when every engine slot is taken
     assert server.setup_fnc is example.load_model
     assert server._agent_name == ""  # automatic dispatch: joins every new room
+
+
+def test_a_remote_engine_runs_calls_in_processes_unless_told_otherwise(monkeypatch):
+    # no weights to share in this process: separate job processes isolate the calls
+    remote = import_example(monkeypatch, HERTZ_MODEL="hertz://gpu-1:8000")
+    assert remote.server._job_executor_type == JobExecutorType.PROCESS
+    assert remote.server.load_fnc._remote == "hertz://gpu-1:8000"  # the server tells its load
+    threads = import_example(monkeypatch, HERTZ_MODEL="hertz://gpu-1:8000", HERTZ_EXECUTOR="thread")
+    assert threads.server._job_executor_type == JobExecutorType.THREAD
 
 
 def test_flags_become_settings_and_the_rest_is_left_for_livekit(monkeypatch):
     example = import_example(monkeypatch)
     for name in ("HERTZ_MODEL", "HERTZ_AGENT_NAME"):  # so the test's changes are undone after it
         monkeypatch.setenv(name, "")
-    rest = example.read_flags(["--model", "/ckpt/x", "--agent-name", "hertz", "start", "--log-level", "debug"])
+    rest = example.read_flags(
+        ["--model", "/ckpt/x", "--agent-name", "hertz", "start", "--log-level", "debug"]
+    )
     assert rest == ["start", "--log-level", "debug"]
     assert os.environ["HERTZ_MODEL"] == "/ckpt/x" and os.environ["HERTZ_AGENT_NAME"] == "hertz"
     assert import_example(monkeypatch, HERTZ_AGENT_NAME="hertz").server._agent_name == "hertz"
 
 
-async def test_prewarm_in_every_job_thread_shares_one_engine_and_one_gate_measurement(monkeypatch, tiny_model_dir):
+async def test_prewarm_in_every_job_thread_shares_one_engine_and_one_gate_measurement(
+    monkeypatch, tiny_model_dir
+):
     example = import_example(monkeypatch, HERTZ_MODEL=str(tiny_model_dir))
-    procs = [JobProcess(executor_type=JobExecutorType.THREAD, user_arguments=None, http_proxy=None) for _ in range(3)]
+    procs = [
+        JobProcess(executor_type=JobExecutorType.THREAD, user_arguments=None, http_proxy=None)
+        for _ in range(3)
+    ]
     threads = [threading.Thread(target=example.load_model, args=(p,)) for p in procs]
     for t in threads:
         t.start()
@@ -73,6 +98,8 @@ async def test_prewarm_in_every_job_thread_shares_one_engine_and_one_gate_measur
     before = example.server.load_fnc(example.server)
     sessions = [m.session() for m in models]
     assert all(await asyncio.gather(*(s.wait_open() for s in sessions)))
-    assert example.server.load_fnc(example.server) == pytest.approx(before + 3 / engine.max_sessions)
+    assert example.server.load_fnc(example.server) == pytest.approx(
+        before + 3 / engine.max_sessions
+    )
     for s in sessions:
         await s.aclose()

@@ -20,8 +20,14 @@ import soxr
 # the tests import it from the source tree.
 sys.path.append(str(Path(__file__).resolve().parents[1] / "adapters" / "livekit"))
 
+from early_audio import (  # noqa: E402
+    assert_heard_from_the_first_sample,
+    caller_audio,
+    identity_engine,
+    open_late,
+)
 from livekit import rtc  # noqa: E402
-from livekit.agents import llm  # noqa: E402
+from livekit.agents import APIStatusError, llm  # noqa: E402
 from livekit.plugins import hertz  # noqa: E402
 from livekit_fixtures import *  # noqa: E402,F403 - the shared engine fixtures
 
@@ -64,12 +70,16 @@ async def _collect(session: hertz.DuplexSession, seconds: float) -> list[llm.Dup
     return out
 
 
-async def test_frames_of_any_rate_and_channels_reach_the_model_as_a_one_shot_resample(engine, tmp_path):
+async def test_frames_of_any_rate_and_channels_reach_the_model_as_a_one_shot_resample(
+    engine, tmp_path
+):
     # 44.1 kHz stereo in 10 ms frames (441 samples: never a divisor of a step). The caller channel
     # of the recording holds exactly the 16 kHz steps the model was fed.
     rate, seconds = 44_100, 0.9
     t = np.arange(int(rate * seconds)) / rate
-    stereo = np.stack([0.4 * np.sin(2 * np.pi * 440 * t), 0.2 * np.sin(2 * np.pi * 660 * t)], axis=1)
+    stereo = np.stack(
+        [0.4 * np.sin(2 * np.pi * 440 * t), 0.2 * np.sin(2 * np.pi * 660 * t)], axis=1
+    )
     frames = _frames(stereo, rate, frame_ms=10)
     model = hertz.DuplexModel(model=engine, record_dir=tmp_path, seed=0)
     session = model.session()
@@ -79,8 +89,12 @@ async def test_frames_of_any_rate_and_channels_reach_the_model_as_a_one_shot_res
     await session.aclose()
 
     caller = sf.read(next(tmp_path.glob("*.wav")), dtype="float32")[0][:, 0]
-    int16_stereo = np.concatenate([np.frombuffer(f.data, np.int16).reshape(-1, 2) for f in frames]) / 32767
-    expected = soxr.resample(int16_stereo.mean(axis=1).astype(np.float32), rate, SAMPLE_RATE, quality=RESAMPLE_QUALITY)
+    int16_stereo = (
+        np.concatenate([np.frombuffer(f.data, np.int16).reshape(-1, 2) for f in frames]) / 32767
+    )
+    expected = soxr.resample(
+        int16_stereo.mean(axis=1).astype(np.float32), rate, SAMPLE_RATE, quality=RESAMPLE_QUALITY
+    )
     whole_steps = int(seconds * SAMPLE_RATE) // SAMPLES_PER_STEP
     assert whole_steps - 1 <= fed <= whole_steps  # soxr may still hold back the end of the last one
     n = fed * SAMPLES_PER_STEP
@@ -100,7 +114,9 @@ async def test_push_audio_returns_at_once_while_the_model_is_busy(engine):
         worst = max(worst, time.perf_counter() - t0)
     await anext(aiter(session.audio_stream))  # let the stalled tick pass before the next test
     await session.aclose()
-    assert worst < 0.05, f"push_audio took {worst * 1000:.0f} ms while the engine was stalled for 1000 ms"
+    assert worst < 0.05, (
+        f"push_audio took {worst * 1000:.0f} ms while the engine was stalled for 1000 ms"
+    )
 
 
 async def test_a_muted_caller_still_gets_every_step_with_the_models_silence_included(engine):
@@ -112,7 +128,9 @@ async def test_a_muted_caller_still_gets_every_step_with_the_models_silence_incl
     await session.aclose()
     assert len(frames) >= 6
     assert metrics["silence_steps"] == metrics["steps"]
-    assert [f.start_ms for f in frames] == [round(i * STEP_SECONDS * 1000) for i in range(len(frames))]
+    assert [f.start_ms for f in frames] == [
+        round(i * STEP_SECONDS * 1000) for i in range(len(frames))
+    ]
     assert all(f.frame.sample_rate == 24_000 and f.frame.num_channels == 1 for f in frames)
     # soxr hands out its output in uneven blocks, but never more than a step's worth per step
     step_24k = SAMPLES_PER_STEP * 24_000 // SAMPLE_RATE
@@ -138,11 +156,15 @@ async def test_the_gate_is_tuned_to_the_models_own_quiet_level(engine, tiny_mode
 
 
 def _scaled(frame: rtc.AudioFrame, gain: float) -> rtc.AudioFrame:
-    pcm = np.clip(np.frombuffer(frame.data, np.int16).astype(np.float32) * gain, -32768, 32767).astype(np.int16)
+    pcm = np.clip(
+        np.frombuffer(frame.data, np.int16).astype(np.float32) * gain, -32768, 32767
+    ).astype(np.int16)
     return rtc.AudioFrame(pcm.tobytes(), frame.sample_rate, 1, pcm.shape[0])
 
 
-async def test_instructions_chat_items_and_tools_are_accepted_and_generate_reply_says_why_not(engine):
+async def test_instructions_chat_items_and_tools_are_accepted_and_generate_reply_says_why_not(
+    engine,
+):
     @llm.function_tool
     async def lookup(city: str) -> str:
         """Look up the weather."""
@@ -150,7 +172,11 @@ async def test_instructions_chat_items_and_tools_are_accepted_and_generate_reply
 
     adapter = llm.DuplexRealtimeAdapter(hertz.DuplexModel(model=engine))
     caps = adapter.capabilities
-    assert caps.supports_overlapping_speech and not caps.message_truncation and not caps.user_transcription
+    assert (
+        caps.supports_overlapping_speech
+        and not caps.message_truncation
+        and not caps.user_transcription
+    )
     rt = adapter.session()
     ctx = llm.ChatContext.empty()
     ctx.add_message(role="user", content="hello")
@@ -188,7 +214,11 @@ async def test_a_full_engine_is_reported_as_an_unrecoverable_error(tiny_model_di
         frames = await _collect(second, 0.5)
         assert frames == []
         assert not await second.wait_open()
-        assert len(errors) == 1 and isinstance(errors[0].error, EngineFull) and not errors[0].recoverable
+        assert len(errors) == 1 and not errors[0].recoverable
+        # in LiveKit's APIError family (one log line, not a traceback), the core's error as cause
+        error = errors[0].error
+        assert isinstance(error, APIStatusError) and error.status_code == 503
+        assert not error.retryable and isinstance(error.__cause__, EngineFull)
         await first.aclose()
         await second.aclose()
     finally:
@@ -203,3 +233,34 @@ async def test_worker_load_is_calls_in_progress_over_engine_capacity(engine):
     for s in sessions:
         await s.aclose()
     assert hertz.worker_load() == pytest.approx(before)
+
+
+async def test_caller_audio_sent_while_the_slot_opens_is_heard_from_its_first_sample(
+    tiny_model_dir, monkeypatch
+):
+    """The core session is created at once and keeps early audio: the model hears every sample.
+
+    Frames are pushed from the start of the call while the engine's open takes a second
+    (``open_late``); the echo model says back what it heard. The same check as the Pipecat
+    service's (test_pipecat_service), with the same audio.
+    """
+    engine = identity_engine(tiny_model_dir)
+    open_late(engine, monkeypatch)
+    session = hertz.DuplexModel(model=engine, sample_rate=SAMPLE_RATE).session()
+    sent = caller_audio(2.0)
+    frame = SAMPLE_RATE // 50  # 20 ms, as RoomIO delivers them
+    frames = [
+        rtc.AudioFrame(sent[i : i + frame].tobytes(), SAMPLE_RATE, 1, frame)
+        for i in range(0, len(sent), frame)
+    ]
+    try:
+        reading = asyncio.create_task(_collect(session, len(sent) / SAMPLE_RATE + 0.6))
+        await _push_in_real_time(session, frames)
+        out = await reading
+        dropped = session.metrics["dropped_input_steps"]
+        await session.aclose()
+    finally:
+        engine.close()
+    assert dropped == 0
+    back = np.concatenate([np.frombuffer(f.frame.data, dtype=np.int16) for f in out])
+    assert_heard_from_the_first_sample(sent, back, min_s=1.75)

@@ -1,21 +1,21 @@
-"""scripts/livekit_sip_dispatch.py against a stand-in for LiveKit's SIP API.
+"""scripts/livekit_sip_dispatch.py against a real LiveKit server's SIP API.
 
-No LiveKit server can run here, so a local aiohttp app plays the server's Twirp endpoint
-(``POST /twirp/livekit.SIP/<Method>``, protobuf in and out). The script and livekit-api are real;
-the test reads back exactly what reached the "server".
+``scripts/livekit_dev_stack start`` runs the server with Redis, which is where LiveKit keeps
+SIP trunks and dispatch rules; the script creates them over the server's Twirp API and the test
+reads them back with livekit-api.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import uuid
 from pathlib import Path
 
 import pytest
-from aiohttp import web
 from livekit import api
+from livekit_room_support import livekit_server, room_name  # noqa: F401 - a fixture
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "livekit_sip_dispatch.py"
-KEY, SECRET = "devkey", "a-secret-of-at-least-thirty-two-characters"
 
 
 def load_script():
@@ -25,64 +25,58 @@ def load_script():
     return module
 
 
-@pytest.fixture
-async def fake_sip_api(monkeypatch):
-    """The stand-in server; yields (url, received requests as (method, parsed request, JWT claims))."""
-    received: list = []
-    requests = {
-        "CreateSIPInboundTrunk": api.CreateSIPInboundTrunkRequest,
-        "CreateSIPDispatchRule": api.CreateSIPDispatchRuleRequest,
-    }
-
-    async def handle(request: web.Request) -> web.Response:
-        method = request.match_info["method"]
-        parsed = requests[method].FromString(await request.read())
-        token = request.headers["Authorization"].removeprefix("Bearer ")
-        received.append((method, parsed, api.TokenVerifier(KEY, SECRET).verify(token)))
-        if method == "CreateSIPInboundTrunk":
-            answer = parsed.trunk
-            answer.sip_trunk_id = "ST_new"
-        else:
-            answer = parsed.dispatch_rule
-            answer.sip_dispatch_rule_id = "SDR_new"
-        return web.Response(body=answer.SerializeToString(), content_type="application/protobuf")
-
-    app = web.Application()
-    app.router.add_post("/twirp/livekit.SIP/{method}", handle)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    monkeypatch.setenv("LIVEKIT_API_KEY", KEY)
-    monkeypatch.setenv("LIVEKIT_API_SECRET", SECRET)
-    yield f"http://127.0.0.1:{port}", received
-    await runner.cleanup()
-
-
-async def test_a_new_trunk_and_a_rule_that_sends_each_caller_to_the_named_agent(fake_sip_api, capsys):
-    url, received = fake_sip_api
+@pytest.mark.livekit_server
+async def test_a_new_trunk_and_a_rule_that_sends_each_caller_to_the_named_agent(
+    livekit_server,  # noqa: F811 - the fixture
+    monkeypatch,
+    capsys,  # noqa: F811
+):
+    for name, value in livekit_server.env().items():
+        monkeypatch.setenv(name, value)
+    agent = room_name("hertz")
+    number = f"+1555{uuid.uuid4().int % 10**7:07d}"
     script = load_script()
-    args = script.parse_args(["--agent-name", "hertz", "--number", "+15550100", "--trunk-id", "ST_old", "--url", url])
+    async with livekit_server.api() as lkapi:
+        old = await lkapi.sip.create_inbound_trunk(
+            api.CreateSIPInboundTrunkRequest(
+                trunk=api.SIPInboundTrunkInfo(name="old", numbers=[number + "9"])
+            )
+        )
+        try:
+            args = script.parse_args(
+                ["--agent-name", agent, "--number", number, "--trunk-id", old.sip_trunk_id]
+            )
+            assert await script.run(args) == 0
+            out = capsys.readouterr().out
+
+            trunks = (await lkapi.sip.list_inbound_trunk(api.ListSIPInboundTrunkRequest())).items
+            new = [t for t in trunks if list(t.numbers) == [number]]
+            assert len(new) == 1 and new[0].sip_trunk_id in out
+            rules = (await lkapi.sip.list_dispatch_rule(api.ListSIPDispatchRuleRequest())).items
+            rule = next(r for r in rules if [a.agent_name for a in r.room_config.agents] == [agent])
+            assert list(rule.trunk_ids) == [old.sip_trunk_id, new[0].sip_trunk_id]
+            assert rule.rule.WhichOneof("rule") == "dispatch_rule_individual"  # a room per caller
+            assert rule.rule.dispatch_rule_individual.room_prefix == "call-"
+            assert rule.sip_dispatch_rule_id in out
+        finally:
+            for r in (await lkapi.sip.list_dispatch_rule(api.ListSIPDispatchRuleRequest())).items:
+                if agent in [a.agent_name for a in r.room_config.agents]:
+                    await lkapi.sip.delete_dispatch_rule(
+                        api.DeleteSIPDispatchRuleRequest(
+                            sip_dispatch_rule_id=r.sip_dispatch_rule_id
+                        )
+                    )
+            for t in (await lkapi.sip.list_inbound_trunk(api.ListSIPInboundTrunkRequest())).items:
+                if t.numbers and t.numbers[0].startswith(number):
+                    await lkapi.sip.delete_trunk(
+                        api.DeleteSIPTrunkRequest(sip_trunk_id=t.sip_trunk_id)
+                    )
+
+
+async def test_dry_run_prints_the_requests_and_sends_nothing(capsys, monkeypatch):
+    monkeypatch.setenv("LIVEKIT_URL", "http://127.0.0.1:9")  # nothing listens there
+    script = load_script()
+    args = script.parse_args(["--agent-name", "hertz", "--number", "+15550100", "--dry-run"])
     assert await script.run(args) == 0
-
-    assert [method for method, _, _ in received] == ["CreateSIPInboundTrunk", "CreateSIPDispatchRule"]
-    _, trunk_request, claims = received[0]
-    assert list(trunk_request.trunk.numbers) == ["+15550100"]
-    assert claims.sip.admin  # signed with the project's key, with SIP admin rights
-    _, rule_request, _ = received[1]
-    rule = rule_request.dispatch_rule
-    assert list(rule.trunk_ids) == ["ST_old", "ST_new"]  # the existing trunk and the one just made
-    assert rule.rule.WhichOneof("rule") == "dispatch_rule_individual"  # a room per caller
-    assert rule.rule.dispatch_rule_individual.room_prefix == "call-"
-    assert [a.agent_name for a in rule.room_config.agents] == ["hertz"]
-    assert "SDR_new" in capsys.readouterr().out
-
-
-async def test_dry_run_prints_the_requests_and_sends_nothing(fake_sip_api, capsys):
-    url, received = fake_sip_api
-    script = load_script()
-    assert await script.run(script.parse_args(["--agent-name", "hertz", "--number", "+15550100", "--dry-run"])) == 0
-    assert received == []
     out = capsys.readouterr().out
     assert '"agentName": "hertz"' in out and '"+15550100"' in out

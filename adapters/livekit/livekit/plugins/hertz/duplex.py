@@ -19,7 +19,6 @@ import os
 import threading
 import time
 import weakref
-from collections import deque
 from collections.abc import AsyncIterable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -27,27 +26,22 @@ from typing import Any
 
 import numpy as np
 from livekit import rtc
-from livekit.agents import llm, utils
+from livekit.agents import APIError, llm, utils
 from livekit.agents.types import NOT_GIVEN, NotGivenOr
 from livekit.agents.utils import is_given
 
+from hertz_agents.audio import float_to_int16
 from hertz_agents.errors import AudioInputError, HertzError, SessionClosed
 from hertz_agents.sampling import SamplingSettings
 from hertz_agents.session import DuplexSession as CoreSession
 from hertz_agents.timing import STEP_SECONDS
 
+from .errors import api_error
 from .gate import build_gate
 from .log import logger
 from .models import DEFAULT_MODEL, DEFAULT_SAMPLE_RATE, GateOptions, HertzModels
 
 PromptSource = str | Path | np.ndarray
-
-# caller audio that arrives while the core session is still opening (a slot is being reset or a
-# prompt prefilled) is kept, up to this many seconds, and fed in once the session is open
-_MAX_PENDING_SECONDS = 2.0
-
-# how long closing waits for a session that is still opening (loading a prompt, say)
-_CLOSE_TIMEOUT = 30.0
 
 
 @dataclass
@@ -74,13 +68,14 @@ class DuplexModel(llm.DuplexModel):
         *,
         model: HertzModels | str | os.PathLike[str] | Any = DEFAULT_MODEL,
         sample_rate: int = DEFAULT_SAMPLE_RATE,
-        sampling: SamplingSettings | None = None,
-        prompt: PromptSource | None = None,
-        seed: int | None = None,
-        gate: GateOptions | None = None,
-        record_dir: str | os.PathLike[str] | None = None,
+        sampling: NotGivenOr[SamplingSettings] = NOT_GIVEN,
+        prompt: NotGivenOr[PromptSource | None] = NOT_GIVEN,
+        seed: NotGivenOr[int | None] = NOT_GIVEN,
+        gate: NotGivenOr[GateOptions] = NOT_GIVEN,
+        record_dir: NotGivenOr[str | os.PathLike[str] | None] = NOT_GIVEN,
     ) -> None:
-        """
+        """Keep the options; a model name or directory is not loaded until it is needed.
+
         Args:
             model: A model name (``"default"``, ``"hertz-dev"``), a checkpoint directory, a loaded
                 ``hertz_agents.engine.Engine``, or ``"hertz://host:port"`` for a remote inference
@@ -107,13 +102,14 @@ class DuplexModel(llm.DuplexModel):
         )
         if sample_rate <= 0:
             raise ValueError(f"sample_rate must be positive, got {sample_rate}")
+        record_dir = record_dir if is_given(record_dir) else None
         self._opts = _ModelOptions(
             model=model,
             sample_rate=sample_rate,
-            sampling=sampling or SamplingSettings(),
-            prompt=prompt,
-            seed=seed,
-            gate=gate or GateOptions(),
+            sampling=sampling if is_given(sampling) else SamplingSettings(),
+            prompt=prompt if is_given(prompt) else None,
+            seed=seed if is_given(seed) else None,
+            gate=gate if is_given(gate) else GateOptions(),
             record_dir=Path(record_dir) if record_dir is not None else None,
         )
         self._sessions: weakref.WeakSet[DuplexSession] = weakref.WeakSet()
@@ -145,9 +141,12 @@ class DuplexModel(llm.DuplexModel):
         """
         from hertz_agents.engine import load_engine, measure_quiet_level
 
-        engine_options: dict[str, Any] = {"max_sessions": max_sessions} if max_sessions is not None else {}
+        engine_options: dict[str, Any] = (
+            {"max_sessions": max_sessions} if max_sessions is not None else {}
+        )
         engine = load_engine(model, device=device, **engine_options)
-        gate: GateOptions = options.pop("gate", None) or GateOptions()
+        gate = options.pop("gate", NOT_GIVEN)
+        gate = gate if is_given(gate) and gate is not None else GateOptions()
         if gate.silence_rms is None and measure_gate:
             silence_rms = measure_quiet_level(engine)
             if silence_rms is None:
@@ -157,6 +156,7 @@ class DuplexModel(llm.DuplexModel):
 
     @property
     def model(self) -> str:
+        """The model's name or directory, or ``"hertz-dev"`` when given an engine object."""
         model = self._opts.model
         if isinstance(model, (str, os.PathLike)):
             return os.fspath(model)
@@ -164,6 +164,7 @@ class DuplexModel(llm.DuplexModel):
 
     @property
     def provider(self) -> str:
+        """The provider's name: ``"hertz-agents"``."""
         return "hertz-agents"
 
     @property
@@ -176,6 +177,7 @@ class DuplexModel(llm.DuplexModel):
         return build_gate(self._opts.gate)
 
     def session(self) -> DuplexSession:
+        """Open a session for one call and track it so option updates reach it."""
         sess = DuplexSession(self)
         with self._sessions_lock:
             self._sessions.add(sess)
@@ -189,8 +191,11 @@ class DuplexModel(llm.DuplexModel):
         seed: NotGivenOr[int | None] = NOT_GIVEN,
         gate: NotGivenOr[GateOptions] = NOT_GIVEN,
     ) -> None:
-        """Change options. Sampling also applies to the calls in progress, from their next step;
-        the prompt, seed and gate apply to calls that start afterwards."""
+        """Change options.
+
+        Sampling also applies to the calls in progress, from their next step; the prompt, seed
+        and gate apply to calls that start afterwards.
+        """
         if is_given(sampling):
             self._opts.sampling = sampling
             with self._sessions_lock:
@@ -205,70 +210,84 @@ class DuplexModel(llm.DuplexModel):
             self._opts.gate = gate
 
     async def aclose(self) -> None:
+        """Do nothing: the engine belongs to the process and outlives any one model object."""
         pass  # the engine belongs to the process and outlives any one model object
 
 
-class DuplexSession(llm.DuplexSession):
+class DuplexSession(llm.DuplexSession[Any]):
     """One call: a slot of the engine, fed the caller's frames, yielding every model step.
 
-    Reach it from an agent with ``Agent.duplex_session`` to change sampling or read metrics.
+    The core session is created at once and its slot opens in the background; caller frames
+    pushed meanwhile are kept by the core (up to two seconds) and fed once it is open, as the
+    Pipecat service does. Reach it from an agent with ``Agent.duplex_session`` to change
+    sampling or read metrics.
     """
 
     def __init__(self, duplex_model: DuplexModel) -> None:
         super().__init__(duplex_model)
         self._hertz_model = duplex_model
         self._opts = replace(duplex_model._opts)
-        self._core: CoreSession | None = None
-        self._open_done = asyncio.Event()
-        self._pending: deque[rtc.AudioFrame] = deque()
-        self._pending_seconds = 0.0
         self._warned_input = False
+        self._failed: APIError | None = None
         self._audio_ch = utils.aio.Chan[llm.DuplexAudioFrame]()
+        self._core = CoreSession(
+            self._opts.model,
+            prompt=self._opts.prompt,
+            sampling=self._opts.sampling,
+            output_sample_rate=self._opts.sample_rate,
+            seed=self._opts.seed,
+            record_path=self._record_path(),
+        )
         self._main_atask = asyncio.create_task(self._main_task(), name="hertz.DuplexSession")
 
     # -- the model's side ---------------------------------------------------------------------
     async def _main_task(self) -> None:
         started = time.perf_counter()
+        core = self._core
         try:
-            core = await CoreSession.open(
-                self._opts.model,
-                prompt=self._opts.prompt,
-                sampling=self._opts.sampling,
-                output_sample_rate=self._opts.sample_rate,
-                seed=self._opts.seed,
-                record_path=self._record_path(),
-            )
-        except Exception as e:
-            if isinstance(e, HertzError):  # a full engine, a missing model: the message says it all
-                logger.error("could not open a hertz-dev session: %s", e)
-            else:
-                logger.exception("could not open a hertz-dev session")
-            self._emit_error(e, recoverable=False)
-            self._audio_ch.close()
-            self._open_done.set()
-            return
-        if self._closing:
-            await core.close()
-            self._audio_ch.close()
-            self._open_done.set()
-            return
-        self._core = core
-        while self._pending:
-            self._push_frame(self._pending.popleft())
-        self._open_done.set()
-        self._report_connection_acquired(time.perf_counter() - started)
-        try:
+            try:
+                await core.wait_open()
+            except Exception as e:  # a full engine, a missing model, a server that is not there
+                if not self._closing:
+                    self._fail(e, "could not open a hertz-dev session")
+                return
+            self._report_connection_acquired(time.perf_counter() - started)
             async for chunk in core:
                 if chunk.audio.size == 0:
                     continue  # the output resampler's first block can be held back entirely
-                pcm = (np.clip(chunk.audio, -1.0, 1.0) * 32767.0).astype(np.int16)
+                pcm = float_to_int16(chunk.audio)
                 frame = rtc.AudioFrame(pcm.tobytes(), chunk.sample_rate, 1, pcm.shape[0])
                 # stamped with the step, so a dropped step does not shift the adapter's clock
                 start_ms = round(chunk.step * STEP_SECONDS * 1000)
                 with contextlib.suppress(utils.aio.ChanClosed):
                     self._audio_ch.send_nowait(llm.DuplexAudioFrame(frame=frame, start_ms=start_ms))
+        except Exception as e:  # the engine or the server ended the call: a restart, a fault
+            if not self._closing:
+                self._fail(e, "the hertz-dev session ended")
         finally:
             self._audio_ch.close()
+
+    def _fail(self, error: Exception, what: str) -> None:
+        """The session cannot go on: say so once, as an error that ends the call.
+
+        The framework closes an ``AgentSession`` on a ``RealtimeModelError`` that is not
+        recoverable; the example (and any 1:1 call) then ends the call, so the caller is not left
+        in silence. Caller audio pushed afterwards is dropped at once.
+        """
+        if self._failed is not None:
+            return
+        self._failed = api_error(error)
+        if isinstance(error, HertzError):  # a full engine, a missing model: the message says it all
+            logger.error("%s: %s", what, error)
+        else:
+            logger.error("%s", what, exc_info=error)
+        self._emit_error(self._failed, recoverable=False)
+        self._audio_ch.close()
+
+    @property
+    def failed(self) -> APIError | None:
+        """Why this session ended on its own (an ``APIError``), or None while it is fine."""
+        return self._failed
 
     def _record_path(self) -> Path | None:
         if self._opts.record_dir is None:
@@ -280,7 +299,10 @@ class DuplexSession(llm.DuplexSession):
         self.emit(
             "error",
             llm.RealtimeModelError(
-                timestamp=time.time(), label=self._hertz_model.label, error=error, recoverable=recoverable
+                timestamp=time.time(),
+                label=self._hertz_model.label,
+                error=error,
+                recoverable=recoverable,
             ),
         )
 
@@ -293,72 +315,67 @@ class DuplexSession(llm.DuplexSession):
     def push_audio(self, frame: rtc.AudioFrame) -> None:
         """Feed a caller frame of any rate, channel count and length; never waits on the model.
 
+        Frames pushed while the slot opens are kept (up to two seconds) and fed once it is open.
         When no frames come (a muted or missing track), the engine steps the model on silence
         after a short wait, so the model keeps its clock and keeps talking.
         """
-        if self._closing:
+        if self._closing or self._failed is not None or self._core.closed:
+            # never call into a closed core: it re-raises the one stored error each time, and
+            # every raise grows that error's traceback, which keeps each frame's audio alive
             return
-        if self._core is None:
-            self._pending.append(frame)
-            self._pending_seconds += frame.duration
-            while self._pending_seconds > _MAX_PENDING_SECONDS and self._pending:
-                self._pending_seconds -= self._pending.popleft().duration
-            return
-        self._push_frame(frame)
-
-    def _push_frame(self, frame: rtc.AudioFrame) -> None:
-        assert self._core is not None
         pcm = np.frombuffer(frame.data, dtype=np.int16)
         if frame.num_channels > 1:
             pcm = pcm.reshape(-1, frame.num_channels)
         try:
             self._core.push_audio_nowait(pcm, frame.sample_rate, frame.num_channels)
-        except SessionClosed:
-            pass
         except AudioInputError as e:
             if not self._warned_input:  # once per call: a broken track would flood the log
                 logger.warning("dropping caller audio hertz-dev cannot use: %s", e)
                 self._warned_input = True
+        except SessionClosed:
+            pass  # closed on another thread since the check above; the main task reports why
 
     # -- control ------------------------------------------------------------------------------
     def update_options(self, *, sampling: NotGivenOr[SamplingSettings] = NOT_GIVEN) -> None:
-        """Change this call's sampling from its next step."""
+        """Change this call's sampling from its next step (or its first, while it opens)."""
         if not is_given(sampling):
             return
         self._opts.sampling = sampling
-        if self._core is not None and not self._core.closed:
+        if not self._core.closed:
             self._core.update_sampling(**dataclasses.asdict(sampling))
 
     async def wait_open(self) -> bool:
-        """Wait until the engine slot is taken; False when opening failed or the call closed first."""
-        await self._open_done.wait()
-        return self._core is not None
+        """Wait until the engine slot is taken; False when opening failed or the call closed."""
+        try:
+            await self._core.wait_open()
+        except Exception:  # the main task reports why
+            return False
+        return not self._core.closed
 
     @property
     def metrics(self) -> dict[str, Any]:
-        """The core session's figures (steps, late steps, step and queue times...), or {}."""
-        return self._core.metrics.snapshot() if self._core is not None else {}
+        """The core session's figures (steps, late steps, step and queue times...)."""
+        return self._core.metrics.snapshot()
 
     @property
-    def core_session(self) -> CoreSession | None:
-        """The ``hertz_agents.DuplexSession`` underneath, once it is open."""
+    def core_session(self) -> CoreSession:
+        """The ``hertz_agents.DuplexSession`` underneath (created with this session)."""
         return self._core
 
     async def aclose(self) -> None:
+        """Close the session: end the core session, then wait for the main task to finish.
+
+        A slot still opening is given back by the core as soon as it opens.
+        """
         await super().aclose()
-        if self._core is not None:
-            await self._core.close()  # ends the output loop of the main task
-        # an open in flight is not cancelled (the slot it takes would leak): the main task closes
-        # the session as soon as it opens; only a stuck open is abandoned
-        done, _ = await asyncio.wait({self._main_atask}, timeout=_CLOSE_TIMEOUT)
-        if not done:
-            logger.warning("a hertz-dev session did not open or close in %.0f s; abandoning it", _CLOSE_TIMEOUT)
-            await utils.aio.cancel_and_wait(self._main_atask)
+        await self._core.close()  # ends the main task's wait or output loop
+        await asyncio.gather(self._main_atask, return_exceptions=True)
         self._audio_ch.close()
 
     # -- the framework's configuration hooks: hertz-dev has no text channel and no tools -------
     @property
     def tools(self) -> llm.ToolContext:
+        """An empty tool context: hertz-dev calls no tools."""
         return llm.ToolContext.empty()
 
     async def _update_instructions(self, instructions: str) -> None:
@@ -372,7 +389,9 @@ class DuplexSession(llm.DuplexSession):
             names = sorted(t.id for t in llm.ToolContext(tools).flatten())
             logger.warning("hertz-dev cannot call tools; these are ignored: %s", names)
 
-    def _update_options(self, *, tool_choice: NotGivenOr[llm.ToolChoice | None] = NOT_GIVEN) -> None:
+    def _update_options(
+        self, *, tool_choice: NotGivenOr[llm.ToolChoice | None] = NOT_GIVEN
+    ) -> None:
         pass
 
     def _generate_reply(
@@ -383,7 +402,7 @@ class DuplexSession(llm.DuplexSession):
         tools: NotGivenOr[list[llm.Tool]] = NOT_GIVEN,
     ) -> None:
         raise llm.RealtimeError(
-            "hertz-dev decides for itself when to speak: it hears the caller and answers in its own "
-            "time, and it has no text input, so generate_reply() and say() cannot prompt it. "
+            "hertz-dev decides for itself when to speak: it hears the caller and answers in its "
+            "own time, and it has no text input, so generate_reply() and say() cannot prompt it. "
             "Shape what it says with a prompt WAV (hertz.DuplexModel(prompt=...))."
         )

@@ -1,7 +1,8 @@
 """The audio gate for hertz-dev's output.
 
 The model's quiet level it is set from is measured by the core
-(``hertz_agents.engine.measure_quiet_level``, once per engine) when :meth:`DuplexModel.load` loads it.
+(``hertz_agents.engine.measure_quiet_level``, once per engine) when :meth:`DuplexModel.load`
+loads it.
 """
 
 from __future__ import annotations

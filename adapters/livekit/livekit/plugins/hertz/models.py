@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 from hertz_agents.timing import STEP_SECONDS
@@ -16,6 +18,34 @@ DEFAULT_MODEL: HertzModels = "default"
 DEFAULT_SAMPLE_RATE = 24_000
 """Rate of the audio the plugin hands LiveKit: a room's default output rate, so nothing resamples
 it again on the way out. The model itself speaks at 16 kHz."""
+
+DEFAULT_PREBUFFER = 0.3
+"""Seconds of the model's output held before playing starts: a cushion in the output queue that
+rides out late steps (the model produces exactly in real time, so an empty queue turns any late
+step into an audible gap). It adds the same to the caller's mouth-to-ear latency. LiveKit's own
+console holds 0.3 s for duplex models for the same reason."""
+
+
+def download_model(model: str | os.PathLike[str] = DEFAULT_MODEL) -> Path | None:
+    """Make sure ``model``'s checkpoint is on disk, downloading an official one; returns its folder.
+
+    None for ``hertz://`` (the server holds the weights). Raises ``ModelNotFound`` for a name or
+    folder that is not there and cannot be downloaded (the message says what to do).
+    """
+    from hertz_agents.backend import is_remote_url
+    from hertz_agents.checkpoint import resolve_model_dir
+    from hertz_agents.errors import ModelNotFound
+
+    if is_remote_url(str(model)):
+        return None
+    directory, variant = resolve_model_dir(model)
+    if variant is not None:
+        from hertz_agents.download import download_variant
+
+        return download_variant(variant, directory)
+    if not directory.is_dir():
+        raise ModelNotFound(f"no checkpoint at {directory}: put the model there or set HERTZ_MODEL")
+    return directory
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,235 @@
+"""The example worker against a real LiveKit server: real WebRTC, real Opus, real rooms.
+
+``scripts/livekit_dev_stack start`` runs the server on 127.0.0.1 (CI does it in .ci/run). The
+worker is ``python examples/livekit_agent.py ... start``; each caller is a participant made with
+the ``livekit`` SDK that publishes real speech from ../shared/audio in real time and records the
+agent's track. The model is the echo engine behind the project's inference server
+(``livekit_room_support``), so what comes back can be matched to what was said: that gives
+the mouth-to-ear latency and shows gaps inside speech. Each test prints its figures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import numpy as np
+import pytest
+from livekit_room_support import (
+    Caller,
+    Worker,
+    echo_delay,
+    echo_server,
+    gaps_in_speech,
+    livekit_server,  # noqa: F401 - a fixture
+    room_name,
+    speech,
+    window_delays,
+)
+
+pytestmark = pytest.mark.livekit_server
+
+SAY_S = 6.0
+MAX_GAP_S = 0.02
+
+
+async def _call(
+    caller: Caller, seconds: float = SAY_S, chat_at: tuple[float, ...] = ()
+) -> np.ndarray:
+    """Join, wait for the agent's track, talk, and listen a little longer for the echo."""
+    await caller.join()
+    await caller.wait_for_agent()
+    sent = speech(seconds)
+    await caller.say(
+        np.concatenate([sent, np.zeros(int(1.5 * 48_000), np.float32)]), chat_at=chat_at
+    )
+    return sent
+
+
+async def _wait_until(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, what
+        await asyncio.sleep(0.1)
+
+
+def _report(label: str, delays: list[float], gaps: list[float]) -> tuple[float, float]:
+    median, p90 = float(np.median(delays)), float(np.percentile(delays, 90))
+    print(
+        f"\n{label}: mouth-to-ear median {median * 1000:.0f} ms, p90 {p90 * 1000:.0f} ms "
+        f"({len(delays)} windows); longest gap in speech {max(gaps, default=0) * 1000:.0f} ms"
+    )
+    return median, p90
+
+
+@pytest.mark.parametrize("io", ["agent", "rtc"])
+async def test_a_caller_hears_the_agent_and_hanging_up_frees_the_slot(
+    livekit_server,  # noqa: F811 - the fixture
+    tiny_model_dir,
+    tmp_path,
+    io,
+):
+    agent = room_name("hertz")
+    async with echo_server(tiny_model_dir) as (url, engine, _):
+        worker = Worker(
+            livekit_server,
+            tmp_path / "worker.log",
+            "--model",
+            url,
+            "--agent-name",
+            agent,
+            "--io",
+            io,
+            "--silence-rms",
+            "0.001",
+        )
+        async with worker:
+            caller = Caller(livekit_server, room_name("call"), agent_name=agent)
+            # chat messages while the model speaks: RoomIO's default text input would interrupt()
+            # the agent and mute the burst in progress (a gap the check below would find)
+            sent = await _call(caller, chat_at=(2.0, 4.0))
+            assert caller.agent_joined_at is not None
+            assert engine.active_sessions == 1
+
+            delay, match = echo_delay(caller, sent)
+            assert match > 0.6, f"the caller's speech did not come back (match {match:.2f})"
+            delays = window_delays(caller, sent)
+            assert len(delays) >= 4, "too few seconds of speech were found in what came back"
+            gaps = gaps_in_speech(caller, sent, delay)
+            median, p90 = _report(f"{io} mode", delays, gaps)
+            assert 0.1 < median < 2.0
+            assert max(gaps, default=0.0) <= MAX_GAP_S, f"gaps inside speech: {gaps}"
+
+            await caller.hang_up()  # the job ends, the engine slot is free again
+            await _wait_until(lambda: engine.active_sessions == 0, 20, "the slot stayed taken")
+        assert "Traceback" not in worker.log(), worker.log()[-3000:]
+
+
+async def test_four_rooms_at_once_share_one_engine(livekit_server, tiny_model_dir, tmp_path):  # noqa: F811
+    agent = room_name("hertz")
+    async with echo_server(tiny_model_dir, max_sessions=4) as (url, engine, _):
+        # job processes (the default with a remote engine): one call's stall cannot starve the rest
+        worker = Worker(
+            livekit_server,
+            tmp_path / "worker.log",
+            "--model",
+            url,
+            "--agent-name",
+            agent,
+            "--io",
+            "rtc",
+            "--max-sessions",
+            "4",
+        )
+        async with worker:
+            callers = [
+                Caller(livekit_server, room_name(f"call{i}"), agent_name=agent) for i in range(4)
+            ]
+            for caller in callers:  # a second apart: the worker starts a job process for each
+                await caller.join()
+                await asyncio.sleep(1.0)
+            for caller in callers:
+                await caller.wait_for_agent()
+            assert engine.active_sessions == 4
+            engine.tick_sizes.clear()
+            talk = speech(8.0)
+            sent = [
+                talk[i * 48_000 : (i + 4) * 48_000] for i in range(4)
+            ]  # four different stretches
+            silence = np.zeros(int(1.5 * 48_000), np.float32)
+            await asyncio.gather(
+                *(c.say(np.concatenate([s, silence])) for c, s in zip(callers, sent))
+            )
+            found = [len(window_delays(c, s)) for c, s in zip(callers, sent)]
+            sizes = list(engine.tick_sizes)
+            await asyncio.gather(*(c.hang_up() for c in callers))
+            await _wait_until(lambda: engine.active_sessions == 0, 20, "slots stayed taken")
+    shared = sum(size > 1 for size in sizes) / len(sizes)
+    print(
+        f"\nfour rooms: seconds of speech found per caller {found}; ticks {len(sizes)}, "
+        f"largest batch {max(sizes)}, {shared:.0%} of ticks stepped several calls"
+    )
+    # four calls on the one engine at once (asserted above), stepped in shared forwards when their
+    # audio is ready together (which calls share a tick depends on when each call's 125 ms of
+    # audio arrives: the engine's batching policy, not the worker's)
+    assert max(sizes) >= 2, "the calls were never stepped together"
+    assert min(found) >= 1, "a caller's speech did not come back"
+
+
+def _rooms_of(worker: Worker) -> set[str]:
+    """Rooms the worker ran a job for, from its JSON log."""
+    rooms = set()
+    for line in worker.log().splitlines():
+        with_room = line.startswith("{") and "room" in line
+        if with_room and ("job" in line.lower()):
+            record = json.loads(line)
+            if record.get("room"):
+                rooms.add(record["room"])
+    return rooms
+
+
+async def test_a_full_worker_sends_the_next_room_to_another(
+    livekit_server, tiny_model_dir, tmp_path  # noqa: F811 - the fixture
+):
+    agent = room_name("hertz")
+    async with echo_server(tiny_model_dir, max_sessions=4) as (url, engine, _):
+        options = (
+            "--model",
+            url,
+            "--agent-name",
+            agent,
+            "--io",
+            "rtc",
+            "--executor",
+            "thread",
+            "--max-sessions",
+            "1",
+        )
+        first = Worker(livekit_server, tmp_path / "first.log", *options)
+        second = Worker(livekit_server, tmp_path / "second.log", *options)
+        async with first, second:
+            one = Caller(livekit_server, room_name("one"), agent_name=agent)
+            await one.join()
+            await one.wait_for_agent()
+            await asyncio.sleep(1.5)  # the busy worker reports its load (every 0.5-2.5 s)
+            two = Caller(livekit_server, room_name("two"), agent_name=agent)
+            await two.join()
+            await two.wait_for_agent()
+            assert engine.active_sessions == 2
+            rooms = [_rooms_of(first), _rooms_of(second)]
+            await one.hang_up()
+            await two.hang_up()
+            await _wait_until(lambda: engine.active_sessions == 0, 20, "slots stayed taken")
+    print(f"\nrooms per worker: {rooms}")
+    assert sorted(len(r) for r in rooms) == [1, 1], f"one worker took both calls: {rooms}"
+
+
+@pytest.mark.parametrize("io", ["agent", "rtc"])
+async def test_an_engine_that_fails_mid_call_ends_the_call(
+    livekit_server, tiny_model_dir, tmp_path, io  # noqa: F811 - the fixture
+):
+    agent = room_name("hertz")
+    async with echo_server(tiny_model_dir) as (url, engine, _):
+        worker = Worker(
+            livekit_server,
+            tmp_path / "worker.log",
+            "--model",
+            url,
+            "--agent-name",
+            agent,
+            "--io",
+            io,
+            "--silence-rms",
+            "0.001",
+        )
+        async with worker:
+            caller = Caller(livekit_server, room_name("call"), agent_name=agent)
+            await caller.join()
+            await caller.wait_for_agent()
+            await caller.say(speech(1.0))
+            engine.close()  # the GPU server's engine dies (a fault, a restart)
+            # the agent ends the call instead of leaving the caller in silence (a phone hangs up)
+            await asyncio.wait_for(caller.disconnected.wait(), timeout=30)
+            log = worker.log()
+    assert "hertz-dev" in log and "Traceback" not in log, log[-3000:]

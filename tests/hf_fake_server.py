@@ -1,20 +1,21 @@
-"""A local stand-in for the Hugging Face Hub's file endpoints, for tests that must not touch the network.
+"""A local stand-in for the Hugging Face Hub's file endpoints, for tests that must stay offline.
 
 It is a real HTTP server on 127.0.0.1 (a random free port, one thread per connection) that answers
-what ``huggingface_hub.hf_hub_download``, ``get_hf_file_metadata`` and ``file_download.http_get`` ask
-for (checked against huggingface_hub 2.4):
+what ``huggingface_hub.hf_hub_download``, ``get_hf_file_metadata`` and ``file_download.http_get``
+ask for (checked against huggingface_hub 2.4):
 
 - ``HEAD /{repo_id}/resolve/{revision}/{filename}``: 200 with ``X-Repo-Commit`` (required by the
-  client), ``ETag`` and ``X-Linked-Etag`` (sha256 of the content, like an LFS file), ``Content-Length``
-  and ``X-Linked-Size``; a missing file gets 404 with ``X-Error-Code: EntryNotFound``.
+  client), ``ETag`` and ``X-Linked-Etag`` (sha256 of the content, like an LFS file),
+  ``Content-Length`` and ``X-Linked-Size``; a missing file gets 404 with ``X-Error-Code:
+  EntryNotFound``.
 - ``GET`` of the same path: the bytes, honouring ``Range: bytes=N-`` (206 with ``Content-Range``),
   which the client sends when it resumes an interrupted transfer. The ETag is the sha256 of the
   content, so replacing a file's bytes in :attr:`FakeHub.files` changes its ETag, as on the Hub.
 - ``GET /api/models/{repo_id}`` and ``.../revision/{revision}``: a minimal model-info JSON.
 
-``revision`` may be ``main`` or the fake commit hash. Every request is logged in :attr:`FakeHub.requests`,
-and :attr:`FakeHub.interrupt_after` cuts the next GET (or GETs) of a file short to simulate a dropped
-connection.
+``revision`` may be ``main`` or the fake commit hash. Every request is logged in
+:attr:`FakeHub.requests`, and :attr:`FakeHub.interrupt_after` cuts the next GET (or GETs) of a file
+short to simulate a dropped connection.
 
 Example:
     >>> with FakeHub({"a.pt": b"..."}) as hub:
@@ -57,10 +58,10 @@ class FakeHub:
         files: The served content.
         requests: Every request received, in order.
         interrupt_after: File name -> byte count: the next GET of that file sends full headers,
-            then only that many body bytes, and drops the connection (one shot). A list of byte counts
-            cuts that many GETs in a row, one count each: ``[100] + [0] * 9`` lets 100 bytes through,
-            then hangs up on the next nine attempts before any body byte (enough to exhaust the
-            client's retries, so the call fails).
+            then only that many body bytes, and drops the connection (one shot). A list of byte
+            counts cuts that many GETs in a row, one count each: ``[100] + [0] * 9`` lets 100 bytes
+            through, then hangs up on the next nine attempts before any body byte (enough to exhaust
+            the client's retries, so the call fails).
     """
 
     def __init__(self, files: dict[str, bytes], repo_id: str = "si-pbc/hertz-dev") -> None:
@@ -71,7 +72,9 @@ class FakeHub:
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(self))
         self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, name="fake-hf-hub", daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="fake-hf-hub", daemon=True
+        )
 
     @property
     def endpoint(self) -> str:
@@ -101,7 +104,10 @@ class FakeHub:
         return self.start()
 
     def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
     ) -> None:
         self.close()
 
@@ -121,7 +127,10 @@ class FakeHub:
 
 
 def unreachable_endpoint() -> str:
-    """An endpoint on 127.0.0.1 where nothing listens (a port bound, then released): connection refused."""
+    """An endpoint on 127.0.0.1 where nothing listens (a port bound, then released).
+
+    Connecting to it is refused.
+    """
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -130,7 +139,9 @@ def unreachable_endpoint() -> str:
 
 def _make_handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"  # keep-alive, as the real Hub; every response sets Content-Length
+        protocol_version = (
+            "HTTP/1.1"  # keep-alive, as the real Hub; every response sets Content-Length
+        )
 
         def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - base class signature
             pass  # keep test output clean
@@ -191,7 +202,8 @@ def _make_handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
                 return
             cut = hub._take_interrupt(filename)
             if cut is not None:
-                # Promise the whole body, deliver part of it, hang up: the client sees a truncated transfer.
+                # Promise the whole body, deliver part of it, hang up: the client sees a truncated
+                # transfer.
                 self.wfile.write(content[start : start + cut])
                 self.wfile.flush()
                 self.close_connection = True
@@ -206,7 +218,8 @@ def _make_handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
                 "sha": FAKE_COMMIT,
                 "private": False,
                 "siblings": [
-                    {"rfilename": name, "size": len(data)} for name, data in sorted(hub.files.items())
+                    {"rfilename": name, "size": len(data)}
+                    for name, data in sorted(hub.files.items())
                 ],
             }
             payload = json.dumps(info).encode()

@@ -1,4 +1,4 @@
-"""Reading, writing and validating audio: real recordings, float round trips, and every bad input."""
+"""Reading, writing and validating audio: real recordings, float round trips, every bad input."""
 
 from __future__ import annotations
 
@@ -30,8 +30,12 @@ from hertz_agents.errors import (
 from hertz_agents.timing import SAMPLE_RATE
 
 # Real recordings live outside the repository (see shared/audio/README.md); never copied in.
-AUDIO_DIR = Path(os.environ.get("HERTZ_TEST_AUDIO", Path(__file__).resolve().parents[2] / "shared" / "audio"))
-needs_audio = pytest.mark.skipif(not AUDIO_DIR.is_dir(), reason=f"real recordings not found in {AUDIO_DIR}")
+AUDIO_DIR = Path(
+    os.environ.get("HERTZ_TEST_AUDIO", Path(__file__).resolve().parents[2] / "shared" / "audio")
+)
+needs_audio = pytest.mark.skipif(
+    not AUDIO_DIR.is_dir(), reason=f"real recordings not found in {AUDIO_DIR}"
+)
 
 
 # --- errors -----------------------------------------------------------------------------------

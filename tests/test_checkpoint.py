@@ -17,11 +17,18 @@ from hertz_agents.model.hertz import HertzModel
 from hertz_agents.registry import VARIANTS
 
 FULL_SECTIONS = {
-    "hertz-dev": ("codec (inference_apatosaurus_95000)", "quantizer (inference_volcano_3)",
-                  "resynthesizer split (inference_care_50000)", "ar split (inference_scion_54000)"),
-    "hertz-dev-mono": ("codec (inference_apatosaurus_95000)", "quantizer (inference_volcano_3)",
-                       "resynthesizer mono (inference_whip_72000)",
-                       "ar mono (inference_caraway_112000, inference_syrup_110000)"),
+    "hertz-dev": (
+        "codec (inference_apatosaurus_95000)",
+        "quantizer (inference_volcano_3)",
+        "resynthesizer split (inference_care_50000)",
+        "ar split (inference_scion_54000)",
+    ),
+    "hertz-dev-mono": (
+        "codec (inference_apatosaurus_95000)",
+        "quantizer (inference_volcano_3)",
+        "resynthesizer mono (inference_whip_72000)",
+        "ar mono (inference_caraway_112000, inference_syrup_110000)",
+    ),
 }
 # caraway and syrup share one layout (one section in keys_full.json): all seven files are covered.
 FULL_SECTIONS["hertz-dev-mono-audio"] = FULL_SECTIONS["hertz-dev-mono"]
@@ -44,7 +51,7 @@ def test_official_layout_with_config_reproduces_reference(tmp_path, split):
 
 @pytest.mark.parametrize("variant", list(FULL_SECTIONS))
 def test_full_size_official_keys_and_shapes_load_on_meta_device(variant):
-    """All seven official files' keys and shapes fit the full-size model without allocating memory."""
+    """All seven official files' keys and shapes fit the full-size model, allocating no memory."""
     keys_path = REFERENCE_DIR / "keys_full.json"
     if not keys_path.exists():
         pytest.skip("shared/reference/keys_full.json not found")
@@ -118,3 +125,97 @@ def test_own_layout_round_trips(tmp_path):
 def test_unknown_model_name(tmp_path):
     with pytest.raises(ModelNotFound, match="hertz-dev"):
         load_model(str(Path(tmp_path) / "nope"))
+
+
+# --- the codec alone ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("config", ["block", "bare", "none"])
+def test_load_codec_from_a_codec_only_directory(tmp_path, config):
+    from tiny_checkpoints import write_codec_only_dir
+
+    from hertz_agents.checkpoint import is_codec_only, load_codec
+
+    directory = write_codec_only_dir(tmp_path / "codec", config=config)
+    assert is_codec_only(directory)
+    if config == "none":  # no config.json: the official sizes, which the tiny weights do not fit
+        with pytest.raises(CheckpointError, match="config.json must give its sizes"):
+            load_codec(directory, device="cpu")
+        return
+    codec = load_codec(directory, device="cpu")
+    _, t = load_reference("codec_tiny_a")
+    assert_close(codec.encode(t["input.audio"]), t["output.mu"])
+    assert_close(codec.decode(t["output.mu"]), t["output.decoded_from_mu"])
+    assert not any(p.requires_grad for p in codec.parameters())
+
+
+def test_load_codec_of_full_models_in_both_layouts(tmp_path):
+    from hertz_agents.checkpoint import load_codec
+
+    official = write_official_dir(tmp_path / "tiny")
+    own = save_model(load_model(official, device="cpu"), tmp_path / "own")
+    _, t = load_reference("codec_tiny_a")
+    for directory in (official, own):
+        assert_close(load_codec(directory, device="cpu").encode(t["input.audio"]), t["output.mu"])
+
+
+def test_load_model_on_a_codec_only_directory_says_what_it_can_do(tmp_path):
+    from tiny_checkpoints import write_codec_only_dir
+
+    with pytest.raises(CheckpointError, match="holds only the codec.*load_codec"):
+        load_model(write_codec_only_dir(tmp_path / "codec"), device="cpu")
+
+
+def test_an_incomplete_model_is_not_taken_for_a_codec_only_one(tmp_path):
+    from hertz_agents.checkpoint import is_codec_only
+
+    directory = write_official_dir(tmp_path / "tiny")
+    (directory / VARIANTS["hertz-dev"].file("ar").name).unlink()
+    assert not is_codec_only(directory)
+
+
+# --- where models are -----------------------------------------------------------------------------
+
+
+def test_default_model_comes_from_the_package_when_there_is_no_checkout(monkeypatch):
+    """An installed wheel has no ckpt/ next to it: default is hertz-agents-small's package data."""
+    import hertz_agents_small
+
+    from hertz_agents import locations
+
+    monkeypatch.delenv("HERTZ_AGENTS_CKPT", raising=False)
+    monkeypatch.setattr(locations, "checkout_ckpt", lambda: None)
+    location = locations.locate("default")
+    assert location.directory == hertz_agents_small.MODEL_DIR
+    assert location.source == "the hertz-agents-small package"
+    assert (location.directory / "model.safetensors").is_file()
+
+
+def test_named_variants_of_an_installed_package_go_to_the_user_cache(monkeypatch, tmp_path):
+    from hertz_agents import locations
+
+    monkeypatch.delenv("HERTZ_AGENTS_CKPT", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(locations, "checkout_ckpt", lambda: None)
+    expected = tmp_path / "hertz-agents" / "ckpt" / "hertz-dev"
+    assert locations.locate("hertz-dev").directory == expected
+
+
+def test_hertz_agents_ckpt_points_named_models_elsewhere(monkeypatch, tmp_path):
+    from hertz_agents import locations
+
+    monkeypatch.setenv("HERTZ_AGENTS_CKPT", str(tmp_path))
+    assert locations.locate("hertz-dev").directory == tmp_path / "hertz-dev"
+    assert locations.locate("codec").directory == tmp_path / "codec"
+    # default: a hertz-small folder there wins; without one the installed default model is used
+    assert locations.locate("default").directory != tmp_path / "hertz-small"
+    save_model(load_model("default", device="cpu"), tmp_path / "hertz-small")
+    assert locations.locate("default").directory == tmp_path / "hertz-small"
+    assert locations.locate("default").source == "$HERTZ_AGENTS_CKPT"
+
+
+def test_a_missing_variant_says_where_download_puts_it(monkeypatch, tmp_path):
+    monkeypatch.setenv("HERTZ_AGENTS_CKPT", str(tmp_path))
+    hint = rf"hertz-agents download --variant hertz-dev.*{tmp_path}"
+    with pytest.raises(ModelNotFound, match=hint):
+        load_model("hertz-dev")

@@ -1,10 +1,10 @@
 """The checkpoint registry and the download machinery.
 
 The real Hub cannot be reached from tests (and its files are gigabytes), so the Hub is replaced by
-``hf_fake_server.FakeHub``: a real HTTP server on 127.0.0.1 that answers like the Hub's file endpoints,
-driven by the real ``huggingface_hub`` client (``get_hf_file_metadata`` and ``http_get``). The files
-are tiny torch state_dicts under the official names; their md5 differs from the official one, so tests
-pass their own via ``md5_overrides``.
+``hf_fake_server.FakeHub``: a real HTTP server on 127.0.0.1 that answers like the Hub's file
+endpoints, driven by the real ``huggingface_hub`` client (``get_hf_file_metadata`` and
+``http_get``). The files are tiny torch state_dicts under the official names; their md5 differs from
+the official one, so tests pass their own via ``md5_overrides``.
 """
 
 from __future__ import annotations
@@ -36,7 +36,10 @@ VARIANT = "hertz-dev"
 def _tiny_state_dict_bytes(seed: int) -> bytes:
     """A real, loadable ``.pt`` state_dict of a few KB."""
     g = torch.Generator().manual_seed(seed)
-    state = {"input.weight": torch.randn(16, 32, generator=g), "input.bias": torch.randn(16, generator=g)}
+    state = {
+        "input.weight": torch.randn(16, 32, generator=g),
+        "input.bias": torch.randn(16, generator=g),
+    }
     buf = io.BytesIO()
     torch.save(state, buf)
     return buf.getvalue()
@@ -56,11 +59,14 @@ def md5s(tiny_files: dict[str, bytes]) -> dict[str, str]:
 
 
 @pytest.fixture(autouse=True)
-def isolated_hub_client(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+def isolated_hub_client(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Keep huggingface_hub off ~/.cache, off any token, and away from the real huggingface.co.
 
-    huggingface_hub reads its environment at import, so the module constants are patched as well. The
-    default endpoint points at a closed port: a test that forgot ``endpoint=`` fails instead of going out.
+    huggingface_hub reads its environment at import, so the module constants are patched as well.
+    The default endpoint points at a closed port: a test that forgot ``endpoint=`` fails instead of
+    going out.
     """
     home = tmp_path_factory.mktemp("hf_home")
     monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
@@ -74,7 +80,9 @@ def isolated_hub_client(tmp_path_factory: pytest.TempPathFactory, monkeypatch: p
     guard = unreachable_endpoint()
     monkeypatch.setattr(hub_constants, "ENDPOINT", guard)
     monkeypatch.setattr(
-        hub_constants, "HUGGINGFACE_CO_URL_TEMPLATE", guard + "/{repo_id}/resolve/{revision}/{filename}"
+        hub_constants,
+        "HUGGINGFACE_CO_URL_TEMPLATE",
+        guard + "/{repo_id}/resolve/{revision}/{filename}",
     )
 
 
@@ -91,7 +99,7 @@ class _NoSleep:
 
 @pytest.fixture
 def no_hub_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Skip huggingface_hub's retry sleeps (about 23 s of exponential backoff against a dead endpoint)."""
+    """Skip huggingface_hub's retry sleeps (about 23 s of backoff against a dead endpoint)."""
     monkeypatch.setattr(hub_http, "time", _NoSleep())
     monkeypatch.setattr(hub_file_download, "time", _NoSleep())
 
@@ -102,15 +110,18 @@ def _leftovers(root: Path) -> list[Path]:
 
 
 def _fail_midway(hub: FakeHub, name: str, keep: int) -> None:
-    """Make the next download of ``name`` fail: ``keep`` bytes get through, then every retry is hung up on.
+    """Make the next download of ``name`` fail.
 
-    The client resets its retry count whenever it receives bytes, so the retries must get none for the
-    call to give up (after 1 + 5 attempts in huggingface_hub 2.4; 20 covers older counts too).
+    ``keep`` bytes get through, then every retry is hung up on.
+
+    The client resets its retry count whenever it receives bytes, so the retries must get none for
+    the call to give up (after 1 + 5 attempts in huggingface_hub 2.4; 20 covers older counts too).
     """
     hub.interrupt_after[name] = [keep] + [0] * 20
 
 
-# --- registry ---------------------------------------------------------------------------------------
+# --- registry
+# ---------------------------------------------------------------------------------------
 
 
 def test_every_variant_has_one_file_per_role() -> None:
@@ -126,7 +137,9 @@ def test_every_variant_has_one_file_per_role() -> None:
 @pytest.mark.skipif(not REFERENCE_README.is_file(), reason="shared reference data not checked out")
 def test_registry_md5_sums_match_the_reference_table() -> None:
     table = dict(
-        re.findall(r"^\| (inference_\w+\.pt) \| ([0-9a-f]{32}) \|", REFERENCE_README.read_text(), re.M)
+        re.findall(
+            r"^\| (inference_\w+\.pt) \| ([0-9a-f]{32}) \|", REFERENCE_README.read_text(), re.M
+        )
     )
     registry = {f.name: f.md5 for v in VARIANTS.values() for f in v.files}
     assert registry == table
@@ -144,7 +157,9 @@ def test_md5_file_streams_to_the_same_digest_as_hashlib(tmp_path: Path) -> None:
     assert md5_file(tmp_path / "f") == hashlib.md5(data).hexdigest()
 
 
-def test_check_dir_reports_missing_present_ok_and_bad(tmp_path: Path, tiny_files: dict[str, bytes]) -> None:
+def test_check_dir_reports_missing_present_ok_and_bad(
+    tmp_path: Path, tiny_files: dict[str, bytes]
+) -> None:
     v = get_variant(VARIANT)
     codec, quantizer, resyn, _ = v.filenames
     v = v.with_md5({codec: hashlib.md5(tiny_files[codec]).hexdigest()})
@@ -157,7 +172,8 @@ def test_check_dir_reports_missing_present_ok_and_bad(tmp_path: Path, tiny_files
     assert "expected" in hashed[1].describe() and resyn in hashed[2].describe()
 
 
-# --- download ---------------------------------------------------------------------------------------
+# --- download
+# ---------------------------------------------------------------------------------------
 
 
 def test_download_fetches_every_file_and_verifies_it(
@@ -181,10 +197,14 @@ def test_second_download_makes_no_request_at_all(
     tmp_path: Path, tiny_files: dict[str, bytes], md5s: dict[str, str]
 ) -> None:
     with FakeHub(tiny_files) as hub:
-        download_variant(VARIANT, tmp_path, endpoint=hub.endpoint, progress=False, md5_overrides=md5s)
+        download_variant(
+            VARIANT, tmp_path, endpoint=hub.endpoint, progress=False, md5_overrides=md5s
+        )
         assert len(hub.gets()) == 4
         hub.requests.clear()
-        download_variant(VARIANT, tmp_path, endpoint=hub.endpoint, progress=False, md5_overrides=md5s)
+        download_variant(
+            VARIANT, tmp_path, endpoint=hub.endpoint, progress=False, md5_overrides=md5s
+        )
         assert hub.requests == []
 
 
@@ -193,11 +213,15 @@ def test_present_file_with_wrong_md5_is_fetched_again(
 ) -> None:
     v = get_variant(VARIANT)
     with FakeHub(tiny_files) as hub:
-        download_variant(VARIANT, tmp_path, endpoint=hub.endpoint, progress=False, md5_overrides=md5s)
+        download_variant(
+            VARIANT, tmp_path, endpoint=hub.endpoint, progress=False, md5_overrides=md5s
+        )
         ar = v.file("ar").name
         (tmp_path / ar).write_bytes(b"half a file")
         hub.requests.clear()
-        download_variant(VARIANT, tmp_path, endpoint=hub.endpoint, progress=False, md5_overrides=md5s)
+        download_variant(
+            VARIANT, tmp_path, endpoint=hub.endpoint, progress=False, md5_overrides=md5s
+        )
         assert [r.path.rsplit("/", 1)[1] for r in hub.gets()] == [ar]
     assert (tmp_path / ar).read_bytes() == tiny_files[ar]
 
@@ -218,7 +242,9 @@ def test_corrupted_transfer_raises_checksum_error_and_leaves_no_bad_file(
     served = dict(tiny_files)
     served[resyn] = served[resyn][:-1] + bytes([served[resyn][-1] ^ 0xFF])  # one flipped byte
     with FakeHub(served) as hub, pytest.raises(ChecksumError) as info:
-        download_variant(VARIANT, tmp_path, endpoint=hub.endpoint, progress=False, md5_overrides=md5s)
+        download_variant(
+            VARIANT, tmp_path, endpoint=hub.endpoint, progress=False, md5_overrides=md5s
+        )
     err = info.value
     assert err.filename == resyn and err.expected == md5s[resyn]
     assert err.actual == hashlib.md5(served[resyn]).hexdigest()
@@ -228,7 +254,9 @@ def test_corrupted_transfer_raises_checksum_error_and_leaves_no_bad_file(
 
 
 @pytest.mark.usefixtures("no_hub_backoff")
-def test_unreachable_endpoint_raises_download_error_explaining_the_manual_copy(tmp_path: Path) -> None:
+def test_unreachable_endpoint_raises_download_error_explaining_the_manual_copy(
+    tmp_path: Path,
+) -> None:
     v = get_variant(VARIANT)
     with pytest.raises(DownloadError) as info:
         download_variant(VARIANT, tmp_path, endpoint=unreachable_endpoint(), progress=False)
@@ -239,7 +267,9 @@ def test_unreachable_endpoint_raises_download_error_explaining_the_manual_copy(t
     assert not any(p.is_file() for p in tmp_path.iterdir())
 
 
-def test_offline_mode_raises_download_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_offline_mode_raises_download_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
     with FakeHub({}) as hub, pytest.raises(DownloadError, match="offline"):
         download_variant(VARIANT, tmp_path, endpoint=hub.endpoint, progress=False)
@@ -258,15 +288,21 @@ def test_file_missing_on_the_endpoint_raises_download_error(
 
 @pytest.mark.usefixtures("no_hub_backoff")
 def test_interrupted_transfer_resumes_with_a_range_request(
-    tmp_path: Path, tiny_files: dict[str, bytes], md5s: dict[str, str], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
+    tiny_files: dict[str, bytes],
+    md5s: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # The client writes whole chunks (10 MB by default); small chunks let a few-KB file resume mid-way.
+    # The client writes whole chunks (10 MB by default); small chunks let a few-KB file resume
+    # mid-way.
     monkeypatch.setattr(hub_constants, "DOWNLOAD_CHUNK_SIZE", 512)
     ar = get_variant(VARIANT).file("ar").name
     half = len(tiny_files[ar]) // 2
     with FakeHub(tiny_files) as hub:
         hub.interrupt_after[ar] = half
-        download_variant(VARIANT, tmp_path, endpoint=hub.endpoint, progress=False, md5_overrides=md5s)
+        download_variant(
+            VARIANT, tmp_path, endpoint=hub.endpoint, progress=False, md5_overrides=md5s
+        )
         ranges = [r.range for r in hub.gets(ar)]
     assert ranges[0] is None and len(ranges) == 2
     resumed_at = int(re.fullmatch(r"bytes=(\d+)-", ranges[1] or "").group(1))  # type: ignore[union-attr]
@@ -276,9 +312,13 @@ def test_interrupted_transfer_resumes_with_a_range_request(
 
 @pytest.mark.usefixtures("no_hub_backoff")
 def test_download_that_failed_midway_resumes_on_the_next_run_with_a_range_request(
-    tmp_path: Path, tiny_files: dict[str, bytes], md5s: dict[str, str], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
+    tiny_files: dict[str, bytes],
+    md5s: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(hub_constants, "DOWNLOAD_CHUNK_SIZE", 512)  # so a few-KB file can stop mid-way
+    # so a few-KB file can stop mid-way
+    monkeypatch.setattr(hub_constants, "DOWNLOAD_CHUNK_SIZE", 512)
     v = get_variant(VARIANT)
     ar = v.file("ar").name
     half = len(tiny_files[ar]) // 2
@@ -286,7 +326,9 @@ def test_download_that_failed_midway_resumes_on_the_next_run_with_a_range_reques
     with FakeHub(tiny_files) as hub:
         _fail_midway(hub, ar, half)
         with pytest.raises(DownloadError) as info:
-            download_variant(VARIANT, tmp_path, endpoint=hub.endpoint, progress=False, md5_overrides=md5s)
+            download_variant(
+                VARIANT, tmp_path, endpoint=hub.endpoint, progress=False, md5_overrides=md5s
+            )
         assert info.value.filename == ar and "resumes" in str(info.value)
         assert not (tmp_path / ar).exists()
         kept = part.stat().st_size
@@ -294,8 +336,11 @@ def test_download_that_failed_midway_resumes_on_the_next_run_with_a_range_reques
 
         hub.interrupt_after.clear()
         hub.requests.clear()
-        download_variant(VARIANT, tmp_path, endpoint=hub.endpoint, progress=False, md5_overrides=md5s)
-        assert [r.range for r in hub.gets()] == [f"bytes={kept}-"]  # only the rest of the one unfinished file
+        download_variant(
+            VARIANT, tmp_path, endpoint=hub.endpoint, progress=False, md5_overrides=md5s
+        )
+        # only the rest of the one unfinished file
+        assert [r.range for r in hub.gets()] == [f"bytes={kept}-"]
         assert hub.gets()[0].path.endswith(f"/{ar}")
     assert [s.state for s in check_dir(tmp_path, v.with_md5(md5s), md5=True)] == ["ok"] * 4
     assert not _leftovers(tmp_path)
@@ -303,21 +348,28 @@ def test_download_that_failed_midway_resumes_on_the_next_run_with_a_range_reques
 
 @pytest.mark.usefixtures("no_hub_backoff")
 def test_partial_download_of_a_file_changed_on_the_hub_restarts_from_zero(
-    tmp_path: Path, tiny_files: dict[str, bytes], md5s: dict[str, str], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
+    tiny_files: dict[str, bytes],
+    md5s: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(hub_constants, "DOWNLOAD_CHUNK_SIZE", 512)
     ar = get_variant(VARIANT).file("ar").name
     with FakeHub(tiny_files) as hub:
         _fail_midway(hub, ar, len(tiny_files[ar]) // 2)
         with pytest.raises(DownloadError):
-            download_variant(VARIANT, tmp_path, endpoint=hub.endpoint, progress=False, md5_overrides=md5s)
+            download_variant(
+                VARIANT, tmp_path, endpoint=hub.endpoint, progress=False, md5_overrides=md5s
+            )
         assert (tmp_path / PARTIAL_DIR / f"{ar}.part").stat().st_size > 0
 
         hub.interrupt_after.clear()
         hub.files[ar] = _tiny_state_dict_bytes(seed=1234)  # new bytes, so a new ETag
         new_md5s = {**md5s, ar: hashlib.md5(hub.files[ar]).hexdigest()}
         hub.requests.clear()
-        download_variant(VARIANT, tmp_path, endpoint=hub.endpoint, progress=False, md5_overrides=new_md5s)
+        download_variant(
+            VARIANT, tmp_path, endpoint=hub.endpoint, progress=False, md5_overrides=new_md5s
+        )
         assert [r.range for r in hub.gets(ar)] == [None]
     assert (tmp_path / ar).read_bytes() == hub.files[ar]
     assert not _leftovers(tmp_path)
@@ -325,7 +377,10 @@ def test_partial_download_of_a_file_changed_on_the_hub_restarts_from_zero(
 
 @pytest.mark.usefixtures("no_hub_backoff")
 def test_resumed_file_with_wrong_md5_is_deleted_so_the_next_run_starts_over(
-    tmp_path: Path, tiny_files: dict[str, bytes], md5s: dict[str, str], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
+    tiny_files: dict[str, bytes],
+    md5s: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # Bytes corrupted on disk between runs keep their etag, so only the md5 can catch them.
     monkeypatch.setattr(hub_constants, "DOWNLOAD_CHUNK_SIZE", 512)
@@ -334,24 +389,33 @@ def test_resumed_file_with_wrong_md5_is_deleted_so_the_next_run_starts_over(
     with FakeHub(tiny_files) as hub:
         _fail_midway(hub, ar, len(tiny_files[ar]) // 2)
         with pytest.raises(DownloadError):
-            download_variant(VARIANT, tmp_path, endpoint=hub.endpoint, progress=False, md5_overrides=md5s)
+            download_variant(
+                VARIANT, tmp_path, endpoint=hub.endpoint, progress=False, md5_overrides=md5s
+            )
         hub.interrupt_after.clear()
         part.write_bytes(b"\0" * part.stat().st_size)
         with pytest.raises(ChecksumError):
-            download_variant(VARIANT, tmp_path, endpoint=hub.endpoint, progress=False, md5_overrides=md5s)
+            download_variant(
+                VARIANT, tmp_path, endpoint=hub.endpoint, progress=False, md5_overrides=md5s
+            )
         assert not (tmp_path / ar).exists() and not _leftovers(tmp_path)
         hub.requests.clear()
-        download_variant(VARIANT, tmp_path, endpoint=hub.endpoint, progress=False, md5_overrides=md5s)
+        download_variant(
+            VARIANT, tmp_path, endpoint=hub.endpoint, progress=False, md5_overrides=md5s
+        )
         assert [r.range for r in hub.gets()] == [None]
     assert (tmp_path / ar).read_bytes() == tiny_files[ar]
 
 
-def test_verify_false_still_resumes_and_moves_the_file_into_place(tmp_path: Path, tiny_files: dict[str, bytes]) -> None:
+def test_verify_false_still_resumes_and_moves_the_file_into_place(
+    tmp_path: Path, tiny_files: dict[str, bytes]
+) -> None:
     ar = get_variant(VARIANT).file("ar").name
     folder = tmp_path / PARTIAL_DIR
     folder.mkdir()
     sha = hashlib.sha256(tiny_files[ar]).hexdigest()
-    (folder / f"{ar}.part").write_bytes(tiny_files[ar][:1000])  # as a killed earlier run would leave it
+    # as a killed earlier run would leave it
+    (folder / f"{ar}.part").write_bytes(tiny_files[ar][:1000])
     (folder / f"{ar}.json").write_text(f'{{"etag": "{sha}", "size": {len(tiny_files[ar])}}}')
     with FakeHub(tiny_files) as hub:
         download_variant(VARIANT, tmp_path, endpoint=hub.endpoint, progress=False, verify=False)
@@ -385,3 +449,47 @@ def test_hf_endpoint_environment_variable_is_honoured(
         )
         assert result.returncode == 0, result.stderr
         assert len(hub.gets()) == 4
+
+
+# --- the codec alone ----------------------------------------------------------------------------
+
+
+def test_codec_variant_fetches_only_the_codec_file_md5_checked(
+    tmp_path: Path, tiny_files: dict[str, bytes], md5s: dict[str, str]
+) -> None:
+    codec = get_variant("codec").file("codec").name
+    with FakeHub(tiny_files) as hub:
+        dest = download_variant(
+            "codec",
+            tmp_path / "codec",
+            endpoint=hub.endpoint,
+            progress=False,
+            md5_overrides={codec: md5s[codec]},
+        )
+        requested = [r.path for r in hub.requests]
+    assert sorted(p.name for p in dest.iterdir()) == [codec]
+    assert (dest / codec).read_bytes() == tiny_files[codec]
+    assert requested and all(r.endswith("/" + codec) for r in requested), requested
+    with FakeHub(tiny_files) as hub, pytest.raises(ChecksumError):  # the registry's md5 is checked
+        download_variant("codec", tmp_path / "other", endpoint=hub.endpoint, progress=False)
+
+
+def test_codec_variant_is_not_a_full_model_variant() -> None:
+    assert "codec" not in VARIANTS
+    assert get_variant("codec").filenames == ["inference_apatosaurus_95000.pt"]
+
+
+@pytest.mark.usefixtures("no_hub_backoff")
+def test_failed_first_download_leaves_no_empty_folder(tmp_path: Path) -> None:
+    dest = tmp_path / "a" / "b"
+    with pytest.raises(DownloadError):
+        download_variant("codec", dest, endpoint=unreachable_endpoint(), progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unreachable_endpoint_fails_without_the_hub_clients_backoff(tmp_path: Path) -> None:
+    """No backoff patching here: the first request must not be retried for ~25 s."""
+    start = time.monotonic()
+    with pytest.raises(DownloadError, match="offline"):
+        download_variant("codec", tmp_path / "c", endpoint=unreachable_endpoint(), progress=False)
+    assert time.monotonic() - start < 10

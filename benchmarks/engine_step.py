@@ -22,7 +22,6 @@ import numpy as np
 import torch
 
 from hertz_agents.config import HertzConfig, QuantizerConfig, ResynthesizerConfig, TransformerConfig
-from hertz_agents.engine.slots import SlotTable
 from hertz_agents.engine.stepper import Stepper
 from hertz_agents.model.hertz import HertzModel
 from hertz_agents.sampling import SamplingSettings, SamplingTensors
@@ -35,24 +34,24 @@ def issue_config() -> HertzConfig:
     return HertzConfig(
         split=True,
         ar=TransformerConfig(dim=512, layers=8, heads=8, seq_len=2048),
-        resynthesizer=ResynthesizerConfig(dim=512, layers=4, heads=8, kv_heads=8, ff_dim=None, seq_len=2048),
+        resynthesizer=ResynthesizerConfig(
+            dim=512, layers=4, heads=8, kv_heads=8, ff_dim=None, seq_len=2048
+        ),
         quantizer=QuantizerConfig(dim=256, ff_dim=512),
     )
 
 
 @torch.no_grad()
 def time_ours(model: HertzModel, position: int, steps: int) -> list[float]:
-    table = SlotTable(model, 1, 2048, "cpu", torch.float32)
-    stepper = Stepper(model, table, keep=1024)
-    table.positions.fill_(position)
+    stepper = Stepper(model, 1, 2048, 1024)
+    stepper.jump_to(0, position)
     active = torch.ones(1, dtype=torch.bool)
-    sampling = SamplingTensors.from_settings([SamplingSettings()])
     gens = [torch.Generator().manual_seed(0)]
     times = []
     for _ in range(steps + 1):  # the first step warms up kernels and is not counted
         audio = torch.randn(1, SAMPLES_PER_STEP) * 0.1
         start = time.perf_counter()
-        stepper.tick(1, active, audio, sampling, gens)
+        stepper.tick(1, active, audio, None, gens)
         times.append(time.perf_counter() - start)
     return times[1:]
 
@@ -76,7 +75,9 @@ def time_original(model: HertzModel, steps: int) -> list[float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=4, help="steps per round per measurement")
     parser.add_argument("--threads", type=int, default=2)

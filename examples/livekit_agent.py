@@ -1,11 +1,12 @@
 """hertz-dev as a LiveKit voice agent: it joins a room, hears the caller and talks at the same time.
 
-    pip install 'hertz-agents[livekit]'
+    pip install livekit-plugins-hertz
     export LIVEKIT_URL=wss://... LIVEKIT_API_KEY=... LIVEKIT_API_SECRET=...
+    # or a local server: scripts/livekit_dev_stack start; eval "$(scripts/livekit_dev_stack env)"
     python examples/livekit_agent.py dev          # a development worker: joins every new room
     python examples/livekit_agent.py start        # a production worker
-    python examples/livekit_agent.py console      # your microphone and speakers, no server needed
-    python -m livekit.agents console examples/livekit_agent.py --connect-addr HOST:PORT  # `lk` console
+    python -m livekit.agents start examples/livekit_agent.py   # the same, LiveKit's own runner
+    python -m livekit.agents console examples/livekit_agent.py --connect-addr HOST:PORT  # lk
 
 This example's own options go before the mode (or in the environment):
 
@@ -14,8 +15,12 @@ This example's own options go before the mode (or in the environment):
     --agent-name NAME                    HERTZ_AGENT_NAME   only explicit dispatch (SIP) reaches it
     --max-sessions N                     HERTZ_MAX_SESSIONS calls one worker takes at once
     --prompt WAV                         HERTZ_PROMPT       what the model hears before each call
-    --silence-rms X                      HERTZ_SILENCE_RMS  the gate's quiet level (default: measured)
-    --record-dir DIR                     HERTZ_RECORD_DIR   a stereo WAV of every call (caller | model)
+    --silence-rms X                      HERTZ_SILENCE_RMS  the gate's quiet level (else measured)
+    --record-dir DIR                     HERTZ_RECORD_DIR   a stereo WAV of each call (caller|model)
+    --prebuffer SECONDS                  HERTZ_PREBUFFER    rtc: output held before playing (0.3)
+    --keep-room 1                        HERTZ_KEEP_ROOM    do not end the room when the agent ends
+    --executor thread|process            HERTZ_EXECUTOR     default: thread, process for hertz://
+    --http-port PORT                     HERTZ_HTTP_PORT    health checks (start: 8081, 0: any)
 
 docs/livekit.md explains every setting below.
 """
@@ -33,10 +38,11 @@ from livekit.agents import (
     AgentServer,
     AgentSession,
     AutoSubscribe,
+    CloseEvent,
+    CloseReason,
     JobContext,
     JobExecutorType,
     JobProcess,
-    cli,
     room_io,
 )
 from livekit.agents.worker import ServerEnvOption
@@ -45,17 +51,42 @@ from livekit.plugins import hertz
 from hertz_agents.timing import SAMPLE_RATE, STEP_SECONDS
 
 STEP_MS = round(STEP_SECONDS * 1000)
+INPUT_FRAME_MS = 20
 
 # (flag, environment variable, help); the flags are read here and passed on as the variables, so
 # a job process (and the `lk` console, which imports this file) sees the same settings
 OPTIONS = [
     ("--model", "HERTZ_MODEL", "model name, checkpoint directory or hertz://host:port"),
     ("--io", "HERTZ_LIVEKIT_IO", "agent (AgentSession, gated bursts) or rtc (every sample played)"),
-    ("--agent-name", "HERTZ_AGENT_NAME", "register under this name: only explicit dispatch reaches it"),
+    (
+        "--agent-name",
+        "HERTZ_AGENT_NAME",
+        "register under this name: only explicit dispatch reaches it",
+    ),
     ("--max-sessions", "HERTZ_MAX_SESSIONS", "calls one worker's engine takes at once"),
     ("--prompt", "HERTZ_PROMPT", "WAV the model hears before each call"),
-    ("--silence-rms", "HERTZ_SILENCE_RMS", "the model's quiet level for the gate (default: measured)"),
+    (
+        "--silence-rms",
+        "HERTZ_SILENCE_RMS",
+        "the model's quiet level for the gate (default: measured)",
+    ),
     ("--record-dir", "HERTZ_RECORD_DIR", "write a stereo WAV of every call (caller | model) here"),
+    ("--prebuffer", "HERTZ_PREBUFFER", "rtc: seconds of output held before playing (default 0.3)"),
+    (
+        "--keep-room",
+        "HERTZ_KEEP_ROOM",
+        "1: leave the room open when the agent ends (default: end it)",
+    ),
+    (
+        "--executor",
+        "HERTZ_EXECUTOR",
+        "thread (one engine for all calls) or process (hertz:// default)",
+    ),
+    (
+        "--http-port",
+        "HERTZ_HTTP_PORT",
+        "the worker's health-check port (start: 8081; 0: any free one)",
+    ),
 ]
 
 
@@ -86,23 +117,51 @@ def load_model(proc: JobProcess) -> None:
     if model.startswith("hertz://"):  # a remote inference server holds the weights
         proc.userdata["hertz"] = hertz.DuplexModel(model=model, **options)
         return
-    max_sessions = os.environ.get("HERTZ_MAX_SESSIONS")
-    proc.userdata["hertz"] = hertz.DuplexModel.load(
-        model, max_sessions=int(max_sessions) if max_sessions else None, **options
-    )
+    proc.userdata["hertz"] = hertz.DuplexModel.load(model, max_sessions=max_sessions(), **options)
+
+
+def remote_engine() -> bool:
+    return os.environ.get("HERTZ_MODEL", "").startswith("hertz://")
+
+
+def executor_type() -> JobExecutorType:
+    """Threads share one engine in this process; a remote engine needs no sharing, and separate
+    job processes keep one call's crash or stall away from the others."""
+    default = "process" if remote_engine() else "thread"
+    choice = os.environ.get("HERTZ_EXECUTOR") or default
+    if choice not in ("thread", "process"):
+        print(f"--executor must be thread or process, got {choice!r}", file=sys.stderr)
+        sys.exit(2)
+    return JobExecutorType.THREAD if choice == "thread" else JobExecutorType.PROCESS
+
+
+def max_sessions() -> int | None:
+    value = os.environ.get("HERTZ_MAX_SESSIONS")
+    return int(value) if value else None
 
 
 server = AgentServer(
-    # every call of this worker runs in this process, on one engine that batches their steps
-    job_executor_type=JobExecutorType.THREAD,
-    # calls in progress over the engine's slots: at 1.0 LiveKit sends further calls elsewhere
-    load_fnc=hertz.worker_load,
+    # with threads, every call of this worker runs in this process, on one engine that batches them
+    job_executor_type=executor_type(),
+    # engine slots (or accepted calls) in use over capacity: at 1.0 LiveKit sends calls elsewhere;
+    # a hertz:// server tells its own load
+    load_fnc=hertz.WorkerLoad(os.environ.get("HERTZ_MODEL"), max_sessions=max_sessions()),
     load_threshold=1.0,
     # keep a prewarmed job thread, so the weights load when the worker starts, not on a call
     num_idle_processes=ServerEnvOption(dev_default=1, prod_default=2),
     initialize_process_timeout=600.0,  # the first prewarm loads gigabytes of weights
     setup_fnc=load_model,
+    **({"port": int(os.environ["HERTZ_HTTP_PORT"])} if os.environ.get("HERTZ_HTTP_PORT") else {}),
 )
+
+
+def end_call(ctx: JobContext, reason: str) -> None:
+    """End the call for everyone (a phone call hangs up), unless --keep-room; then leave."""
+    if os.environ.get("HERTZ_KEEP_ROOM", "") not in ("", "0"):
+        ctx.shutdown(reason=reason)
+        return
+    deleting = ctx.delete_room()
+    deleting.add_done_callback(lambda _: ctx.shutdown(reason=reason))
 
 
 @server.rtc_session(agent_name=os.environ.get("HERTZ_AGENT_NAME", ""))
@@ -119,14 +178,31 @@ async def entrypoint(ctx: JobContext) -> None:
         # model would miss everything said over it; hertz-dev needs to hear overlapping speech
         aec_warmup_duration=None,
         turn_handling={"turn_detection": "realtime_llm"},  # turn-taking belongs to the model
+        # the model gives no speech events, so the caller would show as "away" after 15 s
+        user_away_timeout=None,
     )
+
+    @session.on("close")
+    def on_close(event: CloseEvent) -> None:
+        # a model that failed mid-call (engine gone, server restarted) must not leave silence
+        if event.reason == CloseReason.ERROR:
+            end_call(ctx, f"hertz-dev failed: {event.error.error if event.error else 'unknown'}")
+
     await session.start(
         agent=Agent(instructions="(hertz-dev reads no text: shape it with --prompt)"),
         room=ctx.room,
         room_options=room_io.RoomOptions(
-            # the model's own rate, one model step per frame: nothing to resample or re-chunk
-            audio_input=room_io.AudioInputOptions(sample_rate=SAMPLE_RATE, frame_size_ms=STEP_MS),
+            # the model's own rate; 20 ms frames, which the core cuts into 125 ms steps (a 125 ms
+            # frame crashes the job process: WebRTC's audio processing takes whole 10 ms blocks)
+            audio_input=room_io.AudioInputOptions(
+                sample_rate=SAMPLE_RATE, frame_size_ms=INPUT_FRAME_MS
+            ),
             audio_output=room_io.AudioOutputOptions(sample_rate=hertz.DEFAULT_SAMPLE_RATE),
+            # a chat message would interrupt() the agent, which cuts the model's burst off
+            # until its next pause; the model cannot read text anyway
+            text_input=False,
+            # a 1:1 call: when the agent ends (the caller left, or an error), the call ends
+            delete_room_on_close=os.environ.get("HERTZ_KEEP_ROOM", "") in ("", "0"),
         ),
     )
 
@@ -135,14 +211,17 @@ async def run_plain_rtc(ctx: JobContext, model: hertz.DuplexModel) -> None:
     """Every sample the model produces is played, its quiet included; no gate, no AgentSession."""
     await ctx.connect(auto_subscribe=AutoSubscribe.AUDIO_ONLY)
     participant = await ctx.wait_for_participant()
-    # about two steps of queue: enough to ride out jitter in step times, little added latency
-    source = rtc.AudioSource(hertz.DEFAULT_SAMPLE_RATE, 1, queue_size_ms=2 * STEP_MS)
+    session = model.session()
+    ctx.add_shutdown_callback(session.aclose)  # ends the audio_stream loop below
+    if not await session.wait_open():  # a full engine, a missing model, a refused server
+        end_call(ctx, f"hertz-dev could not start: {session.failed}")
+        return
+
+    prebuffer = float(os.environ.get("HERTZ_PREBUFFER") or hertz.DEFAULT_PREBUFFER)
+    source = hertz.output_source(hertz.DEFAULT_SAMPLE_RATE, prebuffer=prebuffer)
     track = rtc.LocalAudioTrack.create_audio_track("hertz-dev", source)
     options = rtc.TrackPublishOptions(source=rtc.TrackSource.SOURCE_MICROPHONE)
     await ctx.room.local_participant.publish_track(track, options)
-
-    session = model.session()
-    ctx.add_shutdown_callback(session.aclose)  # ends the audio_stream loop below
 
     def on_left(left: rtc.RemoteParticipant) -> None:
         if left.identity == participant.identity:
@@ -162,16 +241,29 @@ async def run_plain_rtc(ctx: JobContext, model: hertz.DuplexModel) -> None:
 
     listening = asyncio.create_task(listen())
     try:
-        async for step in session.audio_stream:
-            await source.capture_frame(step.frame)
+        await hertz.play_stream(session.audio_stream, source, prebuffer=prebuffer)
     finally:
         listening.cancel()
         await caller.aclose()
+    if session.failed is not None:
+        end_call(ctx, f"hertz-dev failed: {session.failed}")
 
 
 def main() -> None:
-    sys.argv = [sys.argv[0], *read_flags(sys.argv[1:])]  # LiveKit's CLI sees only its own
-    cli.run_app(server)
+    """``dev`` and ``start`` run the worker through ``python -m livekit.agents start``."""
+    rest = read_flags(sys.argv[1:])
+    if not rest or rest[0] not in ("dev", "start"):
+        print(
+            "usage: python examples/livekit_agent.py [options] dev|start [--log-level LEVEL ...]; "
+            "console: python -m livekit.agents console examples/livekit_agent.py "
+            "--connect-addr HOST:PORT (what the `lk` CLI runs)",
+            file=sys.stderr,
+        )
+        sys.exit(2)
+    from livekit.agents.__main__ import main as livekit_main
+
+    mode, *extra = rest
+    sys.exit(livekit_main(["start", __file__, *extra, *(["--dev"] if mode == "dev" else [])]))
 
 
 if __name__ == "__main__":

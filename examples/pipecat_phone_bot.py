@@ -1,159 +1,176 @@
-"""Call hertz-dev on the phone: a Pipecat bot for Twilio Media Streams.
+"""Call hertz-dev on the phone (Twilio, Telnyx, Plivo): a bot for Pipecat's development runner.
 
-    pip install 'hertz-agents[pipecat]'
-    python examples/pipecat_phone_bot.py --model default      # listens on http://localhost:8765
-    ngrok http 8765                                           # or any public HTTPS URL to this port
+    pip install pipecat-hertz                               # or, in this repository, scripts/setup
+    ngrok http 7860                                         # or any public HTTPS URL to this port
+    python examples/pipecat_phone_bot.py -t twilio -x <id>.ngrok.app --model hertz-dev
 
-Then, in the Twilio console, open Phone Numbers > Manage > Active numbers > your number, and under
-"Voice Configuration" set "A call comes in" to Webhook, ``https://<your-public-host>/twiml``,
-HTTP POST. Save and call the number. (docs/pipecat.md has the details.)
+Then point the number's voice webhook at ``https://<id>.ngrok.app/`` (HTTP POST) and call it
+(docs/pipecat.md has the steps for each provider). The webhook answers with a stream to
+``wss://<id>.ngrok.app/ws`` that carries a single-use token for this call; a media stream that
+comes without a valid token is refused (closed with code 1008) before it takes an engine slot.
+With ``TWILIO_AUTH_TOKEN`` set, a Twilio webhook must also carry Twilio's request signature.
 
-Twilio fetches ``/twiml``, which tells it to stream the call to ``wss://<host>/ws``; there, Twilio
-sends the caller's audio as 8 kHz mu-law in 20 ms messages and plays whatever audio the bot sends
-back. Pipecat's ``TwilioFrameSerializer`` speaks that protocol, ``FastAPIWebsocketTransport``
-carries it, and ``HertzDuplexService`` sits in between. The pipeline runs at 16 kHz, the model's
-rate: the serializer converts 8 kHz to 16 kHz and back, once each way, and the service converts
-nothing (see docs/pipecat.md for the latency budget).
-
-Set ``TWILIO_ACCOUNT_SID`` and ``TWILIO_AUTH_TOKEN`` to let the bot hang up the call when its
-pipeline ends; without them the caller hangs up.
+The provider streams 8 kHz mu-law to ``/ws``; Pipecat's serializer for the provider converts it to
+16 kHz, the model's rate, and back; ``HertzDuplexService`` sits between the transport's input and
+output. Set the provider's credentials (``TWILIO_ACCOUNT_SID``/``TWILIO_AUTH_TOKEN``,
+``TELNYX_API_KEY``, ``PLIVO_AUTH_ID``/``PLIVO_AUTH_TOKEN``) to let the bot hang up the call when
+its pipeline ends, which it does with the reason logged when the model fails for good.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-from collections.abc import Awaitable, Callable
-from contextlib import asynccontextmanager
+import sys
 from typing import Any
-from xml.sax.saxutils import quoteattr
 
-import uvicorn
-from fastapi import FastAPI, Request, WebSocket
+from fastapi import Request, WebSocket
 from fastapi.responses import Response
 from loguru import logger
-from pipecat.pipeline.pipeline import Pipeline
-from pipecat.pipeline.worker import PipelineParams, PipelineWorker
-from pipecat.serializers.twilio import TwilioFrameSerializer
+from pipecat.runner.types import RunnerArguments, WebSocketRunnerArguments
+from pipecat.runner.utils import parse_telephony_websocket
 from pipecat.transports.websocket.fastapi import FastAPIWebsocketParams, FastAPIWebsocketTransport
-from pipecat.workers.runner import WorkerRunner
-from pipecat_hertz import HertzDuplexService, HertzDuplexSettings
-from pipecat_hertz.example_args import add_model_arguments, preload_or_exit
+from pipecat_hertz.example_args import BotOptions
+from pipecat_hertz.runner import OnStarted, run_bot_main, run_call
+from pipecat_hertz.telephony import TOKEN_PARAMETER, CallTokens, stream_xml, twilio_signature_valid
 
-from hertz_agents.timing import SAMPLE_RATE
-
-
-async def twilio_start(websocket: WebSocket) -> dict[str, Any]:
-    """Read Twilio's opening messages ("connected", then "start"); returns the "start" payload."""
-    async for text in websocket.iter_text():
-        message = json.loads(text)
-        if message.get("event") == "start":
-            return message["start"]
-    raise ConnectionError("the websocket closed before Twilio's start message")
+PROVIDERS = ("twilio", "telnyx", "plivo")
+TOKENS = CallTokens()
 
 
-async def run_bot(
-    websocket: WebSocket,
-    *,
-    model: Any,
-    prompt: str | None,
-    gate_db: Any = "auto",
-    on_started: Callable[[PipelineWorker], Awaitable[None]] | None = None,
-) -> None:
-    """One phone call: Twilio's audio through hertz-dev and back."""
-    start = await twilio_start(websocket)
-    account, token = os.environ.get("TWILIO_ACCOUNT_SID"), os.environ.get("TWILIO_AUTH_TOKEN")
-    serializer = TwilioFrameSerializer(
-        stream_sid=start["streamSid"],
-        call_sid=start.get("callSid"),
-        account_sid=account,
+def serializer(provider: str, call_data: Any) -> Any:
+    """The provider's frame serializer; it hangs up the call when the pipeline ends if the
+    provider's credentials are in the environment (else the caller hangs up)."""
+    env = os.environ.get
+    if provider == "twilio":
+        from pipecat.serializers.twilio import TwilioFrameSerializer
+
+        account, token = env("TWILIO_ACCOUNT_SID"), env("TWILIO_AUTH_TOKEN")
+        return TwilioFrameSerializer(
+            stream_sid=call_data.stream_id,
+            call_sid=call_data.call_id,
+            account_sid=account,
+            auth_token=token,
+            params=TwilioFrameSerializer.InputParams(auto_hang_up=bool(account and token)),
+        )
+    if provider == "telnyx":
+        from pipecat.serializers.telnyx import TelnyxFrameSerializer
+
+        return TelnyxFrameSerializer(
+            stream_id=call_data.stream_id,
+            outbound_encoding=call_data.outbound_encoding,
+            inbound_encoding="PCMU",
+            call_control_id=call_data.call_id,
+            api_key=env("TELNYX_API_KEY"),
+            params=TelnyxFrameSerializer.InputParams(auto_hang_up=bool(env("TELNYX_API_KEY"))),
+        )
+    from pipecat.serializers.plivo import PlivoFrameSerializer
+
+    auth_id, token = env("PLIVO_AUTH_ID"), env("PLIVO_AUTH_TOKEN")
+    return PlivoFrameSerializer(
+        stream_id=call_data.stream_id,
+        call_id=call_data.call_id,
+        auth_id=auth_id,
         auth_token=token,
-        params=TwilioFrameSerializer.InputParams(auto_hang_up=bool(account and token)),
-    )
-    transport = FastAPIWebsocketTransport(
-        websocket,
-        FastAPIWebsocketParams(
-            audio_in_enabled=True, audio_out_enabled=True, audio_out_10ms_chunks=2, serializer=serializer
-        ),
-    )
-    settings = HertzDuplexSettings(prompt=prompt, gate_threshold_db=gate_db)
-    hertz = HertzDuplexService(model=model, settings=settings)
-    worker = PipelineWorker(
-        Pipeline([transport.input(), hertz, transport.output()]),
-        params=PipelineParams(audio_in_sample_rate=SAMPLE_RATE, audio_out_sample_rate=SAMPLE_RATE, enable_metrics=True),
+        params=PlivoFrameSerializer.InputParams(auto_hang_up=bool(auth_id and token)),
     )
 
-    @transport.event_handler("on_client_disconnected")
-    async def on_client_disconnected(transport, websocket):
-        logger.info(f"call {start.get('callSid')} ended")
-        await worker.cancel()
 
-    if on_started is not None:
-
-        @worker.event_handler("on_pipeline_started")
-        async def on_pipeline_started(worker, frame):
-            await on_started(worker)
-
-    logger.info(f"call {start.get('callSid')} from stream {start['streamSid']}")
-    runner = WorkerRunner(handle_sigint=False)
-    await runner.add_workers(worker)
-    await runner.run()
+def stream_token(websocket: WebSocket, call_data: Any) -> str | None:
+    """The token the provider sent back: a ``<Stream>`` parameter, or the URL's last path part."""
+    body = call_data.body if call_data is not None else {}
+    return (
+        body.get(TOKEN_PARAMETER)
+        or websocket.path_params.get("token")
+        or websocket.query_params.get("token")
+    )
 
 
-def create_app(
-    model: Any = "default",
+async def answer_call(
+    runner_args: WebSocketRunnerArguments,
+    options: BotOptions,
     *,
-    prompt: str | None = None,
-    gate_db: float | str | None = "auto",
-    public_host: str | None = None,
-    on_started: Callable[[PipelineWorker], Awaitable[None]] | None = None,
-) -> FastAPI:
-    """The bot's web server: TwiML at ``/twiml``, Twilio's media stream at ``/ws``.
+    on_started: OnStarted | None = None,
+) -> None:
+    """One phone call on the runner's ``/ws``: check its token, then run the pipeline."""
+    websocket = runner_args.websocket
+    try:
+        provider, call_data = await parse_telephony_websocket(websocket)
+    except ValueError as e:
+        logger.warning(f"refused a media stream: {e}")
+        return
+    call_id = call_data.call_id or ""
+    # Twilio's token is bound to the call it was minted for (the webhook knows its CallSid).
+    if provider not in PROVIDERS or not TOKENS.consume(stream_token(websocket, call_data), call_id):
+        logger.warning(
+            f"refused a {provider} media stream without a valid call token (call {call_id!r})"
+        )
+        await websocket.close(code=1008, reason="a call token is required")
+        return
+    params = FastAPIWebsocketParams(
+        audio_in_enabled=True,
+        audio_out_enabled=True,
+        audio_out_10ms_chunks=2,
+        add_wav_header=False,
+        serializer=serializer(provider, call_data),
+    )
+    transport = FastAPIWebsocketTransport(websocket=websocket, params=params)
+    await run_call(
+        transport,
+        options,
+        call_id=call_id or runner_args.session_id or "call",
+        on_started=on_started,
+    )
 
-    ``model``: a model name or directory (loaded before the server starts answering), an
-    ``hertz_agents`` Engine, or ``hertz://host:port``. ``gate_db``: the speech gate's threshold
-    ("auto", a level in dBFS, or None for no gate). ``public_host``: the host name Twilio
-    reaches this server at (default: the Host header of Twilio's webhook request).
-    ``on_started``: called with each call's pipeline worker once it runs (to queue frames into it).
+
+async def bot(runner_args: RunnerArguments) -> None:
+    """The runner's entry point: a phone call's media stream."""
+    options = BotOptions.from_cli(runner_args.cli_args)
+    if not isinstance(runner_args, WebSocketRunnerArguments):
+        logger.warning(
+            "this bot answers phone calls (-t twilio|telnyx|plivo); browsers: pipecat_webrtc_bot.py"
+        )
+        return
+    await answer_call(runner_args, options)
+
+
+def add_call_webhook(app: Any, provider: str, public_host: str | None) -> None:
+    """``POST /``: the provider's call webhook, answered with a stream that carries a call token.
+
+    Registered before the runner's own ``POST /`` (whose stream URL carries no token), so it wins.
     """
 
-    @asynccontextmanager
-    async def lifespan(app: FastAPI):
-        if isinstance(model, (str, os.PathLike)) and not str(model).startswith("hertz://"):
-            logger.info(f"loading hertz-dev model {model!r}...")
-            await HertzDuplexService.preload(model, prompt=prompt)
-            logger.info("model loaded; waiting for calls")
-        yield
-
-    app = FastAPI(lifespan=lifespan)
-
-    @app.api_route("/twiml", methods=["GET", "POST"])
-    async def twiml(request: Request) -> Response:
+    @app.post("/")
+    async def call_webhook(request: Request) -> Response:
+        form = {key: str(value) for key, value in (await request.form()).items()}
         host = public_host or request.headers.get("host", "localhost")
-        stream = quoteattr(f"wss://{host}/ws")
-        xml = f'<?xml version="1.0" encoding="UTF-8"?><Response><Connect><Stream url={stream}/></Connect></Response>'
-        return Response(xml, media_type="application/xml")
-
-    @app.websocket("/ws")
-    async def media_stream(websocket: WebSocket) -> None:
-        await websocket.accept()
-        await run_bot(websocket, model=model, prompt=prompt, gate_db=gate_db, on_started=on_started)
-
-    return app
+        auth_token = os.environ.get("TWILIO_AUTH_TOKEN")
+        if provider == "twilio" and auth_token:
+            url = f"https://{host}{request.url.path}"
+            if request.url.query:
+                url += f"?{request.url.query}"
+            if not twilio_signature_valid(
+                auth_token, url, form, request.headers.get("x-twilio-signature")
+            ):
+                logger.warning("refused a call webhook without Twilio's signature")
+                return Response("invalid signature", status_code=403)
+        call_id = form.get("CallSid", "") if provider == "twilio" else ""
+        return Response(
+            stream_xml(provider, host, TOKENS.mint(call_id)), media_type="application/xml"
+        )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_model_arguments(parser)
-    parser.add_argument("--public-host", help="host name Twilio reaches this server at (default: from the request)")
-    parser.add_argument("--host", default="0.0.0.0")
-    parser.add_argument("--port", type=int, default=8765)
-    args = parser.parse_args()
-    preload_or_exit(args.model, args.prompt)
-    app = create_app(args.model, prompt=args.prompt, gate_db=args.gate_db, public_host=args.public_host)
-    logger.info(f"point your Twilio number's voice webhook at https://<public host>/twiml (port {args.port})")
-    uvicorn.run(app, host=args.host, port=args.port)
+    early = argparse.ArgumentParser(add_help=False)  # the runner's -t/-x, read before its main()
+    early.add_argument("-t", "--transport")
+    early.add_argument("-x", "--proxy")
+    known, _ = early.parse_known_args()
+    provider = known.transport if known.transport in PROVIDERS else "twilio"
+    if known.transport not in (None, *PROVIDERS):
+        print(f"error: this bot answers phone calls: -t {' | '.join(PROVIDERS)}", file=sys.stderr)
+        raise SystemExit(2)
+    host = known.proxy.split("://")[-1].rstrip("/") if known.proxy else None
+    run_bot_main(__doc__.split("\n\n")[0], extra=lambda app: add_call_webhook(app, provider, host))
 
 
 if __name__ == "__main__":

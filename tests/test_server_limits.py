@@ -8,7 +8,8 @@ Each well-behaved session must get exactly one output step per input step, and i
 must stay within 50 ms of its own baseline. The attacker is this file run as a script
 (``python tests/test_server_limits.py ATTACK PORT TOKEN SECONDS``).
 
-Figures vary on a shared CPU, so a failed comparison is measured once more before it counts.
+Figures vary on a shared CPU, so a failed comparison is measured up to three times before it
+counts; the failure names every try.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ TOKEN = "limits-token-0123456789abcdef"
 VICTIMS = 4
 PHASE_SECONDS = 6.0
 P99_MARGIN_MS = 50.0
+MEASUREMENTS = 3  # tries before a failed comparison counts
 ATTACKER_ADDRESS = "127.0.0.2"
 # HERTZ_LIMITS_ENGINE=inprocess measures the server with its engine in its own process turned off.
 ENGINE_FLAGS = (
@@ -193,11 +195,15 @@ ATTACKS = [
 @pytest.mark.parametrize("attack", ATTACKS)
 async def test_four_calls_keep_every_step_beside(server, attack):
     _, port = server
-    for attempt in range(2):  # a shared CPU can spoil one measurement; a real fault repeats
+    # p99 of a 6 s phase (48 steps a session) is nearly its slowest step, so one hiccup of a shared
+    # CPU spoils a measurement; a real fault repeats in every attempt.
+    spoiled = []
+    for attempt in range(MEASUREMENTS):
         baseline, attacked, log = await _beside(port, attack, seed=10 * attempt)
         problems = _check(baseline, attacked)
         if not problems:
             break
+        spoiled.append(problems[0][:200])
     alone = baseline["total"]
     if problems and (alone["missing"] or alone["latency_ms_p50"] > STEP_SECONDS * 1000):
         # As the soak does: without an attacker this machine already misses real time, so
@@ -207,7 +213,7 @@ async def test_four_calls_keep_every_step_beside(server, attack):
             f"(baseline: {alone['missing']} steps lost, p50 {alone['latency_ms_p50']:.0f} ms); "
             f"beside {attack}: {problems[0][:200]}"
         )
-    assert not problems, (problems, alone, log[-3000:])
+    assert not problems, (spoiled, alone, log[-3000:])
     summary = json.loads(log.strip().splitlines()[-1])
     # The attacker met the budget meant for it (it was refused, cut or closed), not nothing.
     assert summary["refused"] > 0, summary

@@ -42,11 +42,17 @@ class ResidualUnit(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """Apply the unit to the whole signal ``x`` [B, channels, T]."""
-        return x + self.conv2(self.activation(self.conv1(self.activation(x))))
+        return x + self._pointwise(self.activation(self.conv1(self.activation(x))))
 
     def stream(self, x: Tensor, cursor: StreamCursor) -> Tensor:
         """Apply the unit to a new chunk ``x``, its conv state taken from/given to ``cursor``."""
-        return x + self.conv2(self.activation(self.conv1.stream(self.activation(x), cursor)))
+        return x + self._pointwise(self.activation(self.conv1.stream(self.activation(x), cursor)))
+
+    def _pointwise(self, h: Tensor) -> Tensor:
+        # conv2 is a 1x1 conv, i.e. one matrix product per time step. As a matmul it is the same
+        # sum, and on the CPU about 10x faster than oneDNN's conv for narrow codecs (hertz-small:
+        # 8-64 channels), where these convs took a fifth of a 16-session tick.
+        return torch.matmul(self.conv2.weight.squeeze(-1), h)
 
 
 class ResNetBlock(nn.Module):

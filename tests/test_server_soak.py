@@ -180,8 +180,6 @@ async def test_sixteen_remote_sessions_for_a_minute(server_process):
     assert result["errors"] == [] and result["unmatched_outputs"] == 0
     assert result["sent"] == SESSIONS * int(round(SECONDS / STEP_SECONDS))
     assert result["all_in_order_once"] and result["accounted"], result
-    # No drift: the answers at the end come as fast as at the start.
-    assert late <= max(1.5 * early, early + 150), (early, late)
     # No growth of memory: the last third of the minute against the first.
     assert rss_after - rss_before < 20, rss
     assert await _metric(port, "hertz_sessions_max") == SESSIONS
@@ -198,6 +196,9 @@ async def test_sixteen_remote_sessions_for_a_minute(server_process):
             "at a load it serves"
         )
     assert result["missing"] == 0 and result["dropped"] == 0, result
+    # No drift: the answers at the end come as fast as at the start. (An engine that cannot keep
+    # up queues steps before it drops them, so this holds only where the check above did.)
+    assert late <= max(1.5 * early, early + 150), (early, late)
 
 
 @pytest.mark.timeout(120)

@@ -59,6 +59,10 @@ def _load(spec: EngineSpec):
     from hertz_agents.commands.common import torch_dtype
     from hertz_agents.engine import Engine
 
+    if spec.threads is not None:
+        import torch
+
+        torch.set_num_threads(spec.threads)
     net = load_model(spec.model, device=spec.device, dtype=torch_dtype(spec.dtype))
     if spec.adapter is not None:
         from hertz_agents.lora import merge_adapter

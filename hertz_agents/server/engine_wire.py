@@ -64,6 +64,7 @@ class EngineSpec:
         adapter: A LoRA adapter folder merged into the weights, or None.
         engine_options: Keyword arguments of ``Engine`` (``max_sessions``, ``context``...).
         prompts: Prompt WAVs prefilled before the engine reports ready.
+        threads: torch CPU threads in the engine process (None: torch's default).
     """
 
     model: str
@@ -72,3 +73,4 @@ class EngineSpec:
     adapter: str | None = None
     engine_options: dict = field(default_factory=dict)
     prompts: tuple[str, ...] = ()
+    threads: int | None = None

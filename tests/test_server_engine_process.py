@@ -307,3 +307,32 @@ async def test_no_engine_process_serves_from_the_servers_own_process(tiny_model_
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_the_engine_uses_one_core_fewer_than_the_machine_unless_told(monkeypatch, tiny_model_dir):
+    import torch
+
+    from hertz_agents.errors import HertzError
+    from hertz_agents.server import cli, engine_child
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    assert cli.engine_threads(None) == 3
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    assert cli.engine_threads(None) == 1  # never zero
+    assert cli.engine_threads(2) == 2
+    with pytest.raises(HertzError, match="--threads must be at least 1"):
+        cli.engine_threads(0)
+    # The engine process applies it before it loads the model.
+    before = torch.get_num_threads()
+    try:
+        engine_child._load(EngineSpec(model=str(tiny_model_dir), device="cpu", threads=1)).close()
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_a_bad_thread_count_is_one_line_and_exit_2():
+    proc = _start_cli("--threads", "0")
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in out, out
+    assert "hertz-agents serve: error: --threads must be at least 1, got 0" in out, out

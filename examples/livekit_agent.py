@@ -178,8 +178,6 @@ async def entrypoint(ctx: JobContext) -> None:
         # model would miss everything said over it; hertz-dev needs to hear overlapping speech
         aec_warmup_duration=None,
         turn_handling={"turn_detection": "realtime_llm"},  # turn-taking belongs to the model
-        # the model gives no speech events, so the caller would show as "away" after 15 s
-        user_away_timeout=None,
     )
 
     @session.on("close")

@@ -185,3 +185,42 @@ def test_three_concurrent_calls_in_three_job_threads_are_batched_into_one_engine
         assert sum(f.duration for f in out.frames) > 1.5
     # (a tick can hold more rows than ours if another test left a session open on the engine)
     assert sum(size >= 3 for size in ticks) >= len(ticks) // 2, f"tick sizes: {ticks}"
+
+
+async def test_a_talking_caller_is_speaking_not_away_and_away_only_after_silence(engine):
+    """hertz-dev detects no turns; the plugin tells AgentSession when the caller talks.
+
+    The model is kept quiet for the framework (its gate never opens), so the agent stays
+    "listening" and the away timer (1 s here; LiveKit's default is 15 s) runs whenever the user
+    counts as listening too. Before the fix the caller showed as "away" 1 s into talking.
+    """
+    model = hertz.DuplexModel(
+        model=engine, sample_rate=OUT_RATE, gate=hertz.GateOptions(silence_rms=1.0)
+    )
+    session = AgentSession(
+        llm=model,
+        vad=None,
+        aec_warmup_duration=None,
+        user_away_timeout=1.0,
+        turn_handling={"turn_detection": "realtime_llm"},
+    )
+    talk_seconds = 3.0
+    session.input.audio = ToneInput(talk_seconds)
+    session.output.audio = CaptureOutput()
+    states: list[tuple[float, str]] = []
+    start = time.monotonic()
+    session.on(
+        "user_state_changed", lambda ev: states.append((time.monotonic() - start, ev.new_state))
+    )
+    await session.start(Agent(instructions="hertz-dev reads no instructions"))
+    await asyncio.sleep(talk_seconds + 3.0)
+    await session.aclose()
+
+    speaking = [t for t, state in states if state == "speaking"]
+    assert speaking and speaking[0] < 0.5, states
+    first_speaking = speaking[0]
+    assert not [t for t, state in states if state == "away" and t < talk_seconds], states
+    # Quiet after the tone: listening once the hangover passes, then away after the timeout.
+    listening = [t for t, state in states if state == "listening" and t > first_speaking]
+    away = [t for t, state in states if state == "away"]
+    assert listening and away and away[0] - listening[0] >= 0.9, states

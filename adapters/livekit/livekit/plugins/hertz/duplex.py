@@ -36,6 +36,7 @@ from hertz_agents.sampling import SamplingSettings
 from hertz_agents.session import DuplexSession as CoreSession
 from hertz_agents.timing import STEP_SECONDS
 
+from .caller_speech import CallerSpeech
 from .errors import api_error
 from .gate import build_gate
 from .log import logger
@@ -228,6 +229,8 @@ class DuplexSession(llm.DuplexSession[Any]):
         self._hertz_model = duplex_model
         self._opts = replace(duplex_model._opts)
         self._warned_input = False
+        # the user's state in AgentSession ("speaking", "away") comes from these events only
+        self._caller_speech = CallerSpeech(self._caller_started, self._caller_stopped)
         self._failed: APIError | None = None
         self._audio_ch = utils.aio.Chan[llm.DuplexAudioFrame]()
         self._core = CoreSession(
@@ -332,8 +335,16 @@ class DuplexSession(llm.DuplexSession[Any]):
             if not self._warned_input:  # once per call: a broken track would flood the log
                 logger.warning("dropping caller audio hertz-dev cannot use: %s", e)
                 self._warned_input = True
+            return
         except SessionClosed:
-            pass  # closed on another thread since the check above; the main task reports why
+            return  # closed on another thread since the check above; the main task reports why
+        self._caller_speech.update(pcm)
+
+    def _caller_started(self) -> None:
+        self.emit("input_speech_started", llm.InputSpeechStartedEvent())
+
+    def _caller_stopped(self) -> None:
+        self.emit("input_speech_stopped", llm.InputSpeechStoppedEvent(False))
 
     # -- control ------------------------------------------------------------------------------
     def update_options(self, *, sampling: NotGivenOr[SamplingSettings] = NOT_GIVEN) -> None:
@@ -368,6 +379,7 @@ class DuplexSession(llm.DuplexSession[Any]):
         A slot still opening is given back by the core as soon as it opens.
         """
         await super().aclose()
+        self._caller_speech.close()
         await self._core.close()  # ends the main task's wait or output loop
         await asyncio.gather(self._main_atask, return_exceptions=True)
         self._audio_ch.close()

@@ -382,7 +382,8 @@ def engine_threads(requested: int | None) -> int:
 
     torch's default is every core, and its OpenMP threads spin while they wait for each other:
     beside a front end and clients on the same cores they lose more time than they gain. On a
-    2-core machine one thread ran 16 sessions at 0.67 of real time where two took 1.05.
+    2-core machine, 16 sessions ran at 0.63 of real time with one thread against 0.83 with two
+    (``benchmarks/server_threads.py``).
 
     Raises:
         HertzError: ``requested`` is below 1.

@@ -43,6 +43,7 @@ if TYPE_CHECKING:
 
 OnStarted = Callable[[PipelineWorker], Awaitable[None]]
 END_GRACE_SECONDS = 3.0  # a failed call's graceful end (2 s of trailing silence) before a cancel
+LATE_PEER_SECONDS = 1.0  # a peer that connects to a failed call: time for the error to reach it
 
 
 def _set_console_level(verbose: int) -> None:
@@ -151,10 +152,24 @@ async def run_call(
 
     connected = False
     ending: list[asyncio.Task[None]] = []  # the fallback that cancels a call that will not end
+    hang_ups: list[asyncio.Task[None]] = []  # peers that connected after the call failed
 
-    async def on_client_connected(_transport: BaseTransport, _client: Any) -> None:
+    async def on_client_connected(_transport: BaseTransport, client: Any) -> None:
         nonlocal connected
         connected = True
+        if not hertz.is_usable:
+            hang_ups.append(asyncio.create_task(hang_up_late_peer(client)))
+
+    async def hang_up_late_peer(client: Any) -> None:
+        # The call failed while the peer was still connecting (a model that cannot be reached
+        # fails within milliseconds). Pipecat's end then found no connection to close, and the
+        # one that completes afterwards would stay open, silent: close it once the error message
+        # (sent as soon as the data channel opens) has had a moment to reach the caller.
+        await asyncio.sleep(LATE_PEER_SECONDS)
+        disconnect = getattr(client, "disconnect", None)  # SmallWebRTCConnection's
+        if disconnect is not None:
+            logger.info(f"call {call_id}: the peer connected to a failed call; hanging up")
+            await disconnect()
 
     async def on_client_disconnected(_transport: BaseTransport, _client: Any) -> None:
         logger.info(f"call {call_id} ended")
@@ -187,3 +202,5 @@ async def run_call(
     finally:
         for task in ending:
             task.cancel()
+        # the pipeline may end before a late peer is hung up; that must still happen
+        await asyncio.gather(*hang_ups, return_exceptions=True)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 import socket
@@ -390,6 +391,10 @@ async def run_server(
         if ":" not in str(bound[0])
         else f"http://[{bound[0]}]:{bound[1]}"
     )
+    # Everything loaded so far lives as long as the server: moved out of the collector's sight,
+    # a full collection (which a flood of connections triggers) no longer walks it while every
+    # caller's next step waits on this loop.
+    gc.freeze()
     if on_ready is not None:
         on_ready(url)
     try:

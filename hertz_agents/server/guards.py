@@ -155,15 +155,16 @@ class HeaderTimeoutFactory:
     """Wraps aiohttp's protocol factory: the guards that act before any HTTP is parsed.
 
     A connection from an address that is blocked, and has already been told why
-    (``refuse(address)``, :meth:`PeerGuard.cut_at_accept`), is cut as soon as it is accepted:
-    answering it again would cost a request parse and a response per attempt, which a flood turns
-    into the server's whole CPU. And since
-    aiohttp has no request-head timeout, a connection without a whole request head in time is
+    (``refuse(address)``, :meth:`PeerGuard.cut_at_accept`), is cut as soon as it is accepted,
+    before aiohttp builds anything for it: a wrong-token flood opens hundreds of connections a
+    second, and an aiohttp handler, its task and a parse per attempt turned that into most of the
+    front end's CPU (and the garbage collector's pauses into late steps for every caller). And
+    since aiohttp has no request-head timeout, a connection without a whole request head in time is
     closed, or a client that sends a header byte now and then (slowloris) would hold its socket and
     parser forever.
 
     Args:
-        factory: aiohttp's ``web.Server`` (called once per accepted connection).
+        factory: aiohttp's ``web.Server`` (called once per admitted connection).
         timeout: Seconds a connection has to deliver its first request head.
         refuse: Whether connections from this address are cut at once (None: none are).
     """
@@ -178,27 +179,22 @@ class HeaderTimeoutFactory:
         self.closed_for_timeout = 0
         self.refused_blocked = 0
 
-    def __call__(self) -> Any:
-        """A new connection's protocol, with its request-head deadline set."""
-        handler = self._factory()
-        loop = asyncio.get_running_loop()
-        if self._refuse is not None:
-            # Two hops: the transport calls the handler's connection_made with call_soon after
-            # this returns, so the second hop runs once the peer is known and before the loop
-            # has read a byte (the reader's events come in the next iteration).
-            loop.call_soon(loop.call_soon, self._cut_if_refused, handler)
-        if self._timeout > 0:
-            loop.call_later(self._timeout, self._check, handler)
-        return handler
+    def __call__(self) -> asyncio.Protocol:
+        """A new connection's first protocol, which admits it or cuts it once its peer is known."""
+        return _Admission(self)
 
-    def _cut_if_refused(self, handler: Any) -> None:
-        transport = getattr(handler, "transport", None)
-        if transport is None or self._refuse is None:
-            return
+    def admit(self, transport: asyncio.Transport) -> None:
+        """Cut ``transport`` if its peer is refused; else hand it to an aiohttp handler."""
         peer = transport.get_extra_info("peername")
-        if peer and self._refuse(str(peer[0])):
+        if self._refuse is not None and peer and self._refuse(str(peer[0])):
             self.refused_blocked += 1
-            transport.abort()  # nothing parsed, nothing answered
+            transport.abort()  # nothing built, parsed or answered
+            return
+        handler = self._factory()
+        transport.set_protocol(handler)
+        handler.connection_made(transport)
+        if self._timeout > 0:
+            asyncio.get_running_loop().call_later(self._timeout, self._check, handler)
 
     def _check(self, handler: Any) -> None:
         # _request_count: heads aiohttp has parsed on this connection (a private field, read only;
@@ -207,6 +203,23 @@ class HeaderTimeoutFactory:
         if transport is not None and getattr(handler, "_request_count", 1) == 0:
             self.closed_for_timeout += 1
             transport.abort()
+
+
+class _Admission(asyncio.Protocol):
+    """A connection's protocol until its peer is checked (the transport then switches protocol).
+
+    The transport calls ``connection_made`` before it reads a byte, so no data reaches this object.
+    """
+
+    def __init__(self, guards: HeaderTimeoutFactory) -> None:
+        self._guards = guards
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._guards.admit(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        pass  # cut before anything was built: nothing to free
 
 
 class GuardedSite(web.TCPSite):

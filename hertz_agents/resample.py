@@ -15,6 +15,8 @@ rates is 16 kHz (48, 44.1 or 24 kHz <-> 16 kHz), 5.4 ms between 8 and 16 kHz. so
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import soxr
 
@@ -26,7 +28,7 @@ from hertz_agents.audio import (
 )
 from hertz_agents.errors import AudioInputError
 from hertz_agents.polyphase import MAX_BANK_SIZE, PolyphaseResampler, bank_size
-from hertz_agents.timing import SAMPLE_RATE, SAMPLES_PER_STEP
+from hertz_agents.timing import SAMPLE_RATE, SAMPLES_PER_STEP, samples_to_step_boundary
 
 LOW_LATENCY = "low-latency"
 """The default quality of live resampling: ``PolyphaseResampler``, a constant delay of a few ms."""
@@ -202,13 +204,30 @@ class StepInput:
         sample_rate: Rate of the audio that will be pushed, in Hz.
         channels: Interleaved channels of the pushed audio (mixed to mono by averaging).
         quality: Resampling quality (see ``StreamResampler``); the default adds a constant few ms.
+        clock: Wall-clock time (``time.time``) to cut steps on the shared step boundaries
+            (:func:`~hertz_agents.timing.samples_to_step_boundary`), or None to cut from the
+            first sample. With a clock, the first push of a real-time stream is preceded by
+            the silence that makes its steps end on those boundaries, so calls on one engine
+            are ready together and share its batched tick. It costs no latency: each sample
+            still waits at most one step for its step to end. Only frames shorter than half a
+            step are aligned (a whole-step frame ends when it arrives, whatever the padding).
     """
 
-    def __init__(self, sample_rate: int, channels: int = 1, *, quality: str = LOW_LATENCY):
+    def __init__(
+        self,
+        sample_rate: int,
+        channels: int = 1,
+        *,
+        quality: str = LOW_LATENCY,
+        clock: Callable[[], float] | None = None,
+    ):
         self.channels = channels
         self.quality = quality
         self._resampler = StreamResampler(sample_rate, SAMPLE_RATE, 1, quality=quality)
         self._chunker = Rechunker(SAMPLES_PER_STEP)
+        self._clock = clock
+        self._started = False  # something was pushed (alignment happens once, at the start)
+        self.alignment_samples = 0  # silence put before the first push to align its steps
 
     @property
     def sample_rate(self) -> int:
@@ -253,8 +272,22 @@ class StepInput:
             steps += self._chunker.push(self._resampler.flush())
             self._resampler = StreamResampler(rate, SAMPLE_RATE, 1, quality=self.quality)
         mono = mix_to_mono(frames)  # [n]; mixed first, so only one channel is resampled
-        steps += self._chunker.push(self._resampler.process(mono))
+        resampled = self._resampler.process(mono)
+        if not self._started and resampled.size:
+            self._started = True
+            steps += self._chunker.push(self._alignment(resampled.size))
+        steps += self._chunker.push(resampled)
         return steps
+
+    def _alignment(self, frame_samples: int) -> np.ndarray:
+        """Silence before the first frame so the steps end on the shared step boundaries."""
+        if self._clock is None or frame_samples >= SAMPLES_PER_STEP // 2:
+            return np.zeros(0, dtype=np.float32)
+        # The frame just arrived; the boundary comes ``until`` samples of real time later, and
+        # the step that ends there holds the padding, this frame and those samples.
+        until = samples_to_step_boundary(self._clock())
+        self.alignment_samples = (SAMPLES_PER_STEP - frame_samples - until) % SAMPLES_PER_STEP
+        return np.zeros(self.alignment_samples, dtype=np.float32)
 
     def flush(self) -> list[np.ndarray]:
         """End of input: return the remaining steps, the last one zero-padded to a whole step."""
@@ -268,6 +301,7 @@ class StepInput:
         """Forget everything pushed so far (a new caller, or a barge-in that discards input)."""
         self._resampler.reset()
         self._chunker.clear()
+        self._started = False
 
 
 __all__ = ["LOW_LATENCY", "Rechunker", "StepInput", "StreamResampler"]

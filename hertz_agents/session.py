@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
@@ -86,6 +87,9 @@ class DuplexSession:
             oldest) are dropped and counted in ``metrics.dropped_output_steps``.
         max_early_steps: Input steps kept while the slot opens; older ones are dropped and
             counted in ``metrics.dropped_input_steps``.
+        align_steps: Cut the caller's steps on the wall clock's 125 ms boundaries, shared by
+            every session (see ``StepInput``), so calls on one engine share its batched ticks.
+            Applies to real-time frames shorter than half a step; it adds no latency.
     """
 
     def __init__(
@@ -99,6 +103,7 @@ class DuplexSession:
         seed: int | None = None,
         max_output_backlog: int = 16,
         max_early_steps: int = DEFAULT_MAX_EARLY_STEPS,
+        align_steps: bool = True,
     ) -> None:
         if output_sample_rate <= 0:
             raise ValueError(f"output_sample_rate must be positive, got {output_sample_rate}")
@@ -112,6 +117,7 @@ class DuplexSession:
         self.output_sample_rate = output_sample_rate
         self._output_resampler = StreamResampler(SAMPLE_RATE, output_sample_rate)
         self._input: StepInput | None = None
+        self._align_steps = align_steps
         self._outbox: deque[OutputChunk] = deque()
         self._has_output = asyncio.Event()
         self._max_output_backlog = max_output_backlog
@@ -134,6 +140,7 @@ class DuplexSession:
         record_path: str | os.PathLike[str] | None = None,
         seed: int | None = None,
         max_output_backlog: int = 16,
+        align_steps: bool = True,
     ) -> DuplexSession:
         """Create a session on ``engine`` (any ``model=`` value) and wait until its slot is open.
 
@@ -147,6 +154,7 @@ class DuplexSession:
             record_path=record_path,
             seed=seed,
             max_output_backlog=max_output_backlog,
+            align_steps=align_steps,
         )
         try:
             await session.wait_open()
@@ -188,7 +196,9 @@ class DuplexSession:
         if self._closed:
             raise self._error or SessionClosed("this session is closed; open a new one")
         if self._input is None:
-            self._input = StepInput(sample_rate, channels)
+            self._input = StepInput(
+                sample_rate, channels, clock=time.time if self._align_steps else None
+            )
         seqs: list[int] = []
         for step in self._input.push(audio, sample_rate=sample_rate, channels=channels):
             seq = self._slot.submit(step)

@@ -25,3 +25,15 @@ MIN_PROMPT_STEPS = 2
 
 MIN_PROMPT_SECONDS = MIN_PROMPT_STEPS * STEP_SECONDS
 """The shortest prompt, in seconds (0.25)."""
+
+
+def samples_to_step_boundary(now: float) -> int:
+    """16 kHz samples from wall-clock time ``now`` to the next shared step boundary.
+
+    Steps of every live session are cut on one clock: the multiples of 125 ms since the Unix
+    epoch. Callers whose steps end together share the engine's batched tick (one forward for
+    all of them instead of one each), and any process that knows the time, a remote client
+    included, finds the same boundaries.
+    """
+    into_step = round((now % STEP_SECONDS) * SAMPLE_RATE) % SAMPLES_PER_STEP
+    return (SAMPLES_PER_STEP - into_step) % SAMPLES_PER_STEP

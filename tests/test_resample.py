@@ -349,3 +349,47 @@ def test_step_input_pending_and_reset() -> None:
     assert steps.pending == 10 and steps.delay_samples == 0.0
     steps.reset()
     assert steps.pending == 0 and steps.flush() == []
+
+
+class _FakeClock:
+    """Wall-clock time that a test advances by hand."""
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.mark.parametrize("start", [1_700_000_000.0, 1_700_000_000.031, 1_700_000_000.119])
+@pytest.mark.parametrize("rate,frame_ms", [(16000, 20), (48000, 10), (8000, 20)])
+def test_step_input_with_a_clock_ends_its_steps_on_the_shared_boundaries(start, rate, frame_ms):
+    # Real-time frames: each push happens when its frame's last sample has arrived.
+    clock = _FakeClock(start)
+    steps = StepInput(rate, clock=clock)
+    frame = np.full(rate * frame_ms // 1000, 0.1, np.float32)
+    ended_at = []
+    for i in range(1500 // frame_ms):  # 1.5 s
+        clock.now = start + (i + 1) * frame_ms / 1000
+        ended_at += [clock.now] * len(steps.push(frame))
+    assert len(ended_at) >= 11
+    # Every step ends within one frame (and the resampler's few samples) after a multiple of
+    # 125 ms since the epoch, whichever phase the call started at.
+    for t in ended_at:
+        after_boundary = (t + 1e-6) % STEP_SECONDS  # 1e-6: float time a hair before one
+        assert after_boundary < frame_ms / 1000 + 0.002, (t, after_boundary)
+    # The padding is silence before the caller's first sample, and only that.
+    first = np.concatenate(steps.push(np.zeros(0, np.float32)) or [np.zeros(0)])
+    assert first.size == 0
+    assert 0 <= steps.alignment_samples < SAMPLES_PER_STEP
+
+
+def test_step_input_without_a_clock_or_with_whole_steps_is_not_padded():
+    steps = StepInput(SAMPLE_RATE)  # no clock: cut from the first sample, as before
+    assert steps.push(np.ones(SAMPLES_PER_STEP, np.float32))[0].min() == 1.0
+    clocked = StepInput(SAMPLE_RATE, clock=_FakeClock(1_700_000_000.05))
+    out = clocked.push(np.ones(SAMPLES_PER_STEP, np.float32))  # a whole step in one frame
+    assert clocked.alignment_samples == 0 and out[0].min() == 1.0
+    clocked.reset()  # a new stream aligns again
+    clocked.push(np.ones(160, np.float32))
+    assert clocked.alignment_samples > 0

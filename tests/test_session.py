@@ -318,3 +318,38 @@ def test_creating_a_session_outside_an_event_loop_says_where_to_create_it(engine
     with pytest.raises(RuntimeError, match="event loop runs"):
         DuplexSession(engine)
     assert engine.active_sessions == before
+
+
+async def _talk_in_real_time(session: DuplexSession, start: float, seconds: float) -> None:
+    """Push 20 ms frames of a tone as a WebRTC caller would, from loop time ``start``."""
+    loop = asyncio.get_running_loop()
+    frame = SAMPLE_RATE // 50
+    audio = _tone(seconds, SAMPLE_RATE)
+    for i in range(len(audio) // frame):
+        await asyncio.sleep(max(0.0, start + (i + 1) * frame / SAMPLE_RATE - loop.time()))
+        session.push_audio_nowait(audio[i * frame : (i + 1) * frame], SAMPLE_RATE)
+
+
+@pytest.mark.parametrize("align", [True, False])
+async def test_real_time_calls_started_apart_share_the_engines_ticks(tiny_model_dir, align):
+    # Two callers whose audio starts 61 ms apart: far outside the engine's 10 ms batch window.
+    # Cut on the shared step clock, their steps end together and one forward steps both.
+    # An engine of their own: another test's open session would tick at its own phase.
+    engine = Engine(load_model(tiny_model_dir, device="cpu"), max_sessions=2, context=256)
+    sessions = [await DuplexSession.open(engine, seed=i, align_steps=align) for i in range(2)]
+    loop = asyncio.get_running_loop()
+    t0 = loop.time() + 0.05
+    engine.tick_sizes.clear()
+    await asyncio.gather(
+        *(_talk_in_real_time(s, t0 + 0.061 * i, 2.0) for i, s in enumerate(sessions))
+    )
+    sizes = list(engine.tick_sizes)
+    for s in sessions:
+        await s.close()
+    engine.close()
+    shared = sum(size == 2 for size in sizes) / len(sizes)
+    print(f"\nalign_steps={align}: {len(sizes)} ticks, {shared:.0%} stepped both calls")
+    if align:
+        assert shared >= 0.6, f"aligned calls shared only {shared:.0%} of ticks: {sizes}"
+    else:  # the same callers cut from their first sample: the control that shows the difference
+        assert shared <= 0.3, f"unaligned calls shared {shared:.0%} of ticks: {sizes}"

@@ -17,7 +17,7 @@ This example's own options go before the mode (or in the environment):
     --prompt WAV                         HERTZ_PROMPT       what the model hears before each call
     --silence-rms X                      HERTZ_SILENCE_RMS  the gate's quiet level (else measured)
     --record-dir DIR                     HERTZ_RECORD_DIR   a stereo WAV of each call (caller|model)
-    --prebuffer SECONDS                  HERTZ_PREBUFFER    rtc: output held before playing (0.3)
+    --prebuffer SECONDS                  HERTZ_PREBUFFER    output held before a burst plays (0.3)
     --keep-room 1                        HERTZ_KEEP_ROOM    do not end the room when the agent ends
     --executor thread|process            HERTZ_EXECUTOR     default: thread, process for hertz://
     --http-port PORT                     HERTZ_HTTP_PORT    health checks (start: 8081, 0: any)
@@ -70,7 +70,7 @@ OPTIONS = [
         "the model's quiet level for the gate (default: measured)",
     ),
     ("--record-dir", "HERTZ_RECORD_DIR", "write a stereo WAV of every call (caller | model) here"),
-    ("--prebuffer", "HERTZ_PREBUFFER", "rtc: seconds of output held before playing (default 0.3)"),
+    ("--prebuffer", "HERTZ_PREBUFFER", "seconds of output held before it plays (default 0.3)"),
     (
         "--keep-room",
         "HERTZ_KEEP_ROOM",
@@ -104,6 +104,11 @@ def read_flags(argv: list[str]) -> list[str]:
 read_flags(sys.argv[1:])  # at import: the agent name below is read when the module loads
 
 
+def prebuffer_seconds() -> float:
+    """Seconds of the model's output held before it plays (``--prebuffer``)."""
+    return float(os.environ.get("HERTZ_PREBUFFER") or hertz.DEFAULT_PREBUFFER)
+
+
 def load_model(proc: JobProcess) -> None:
     """Prewarm: load the weights once per worker (every job thread gets the same engine)."""
     model = os.environ.get("HERTZ_MODEL", hertz.DEFAULT_MODEL)
@@ -112,6 +117,7 @@ def load_model(proc: JobProcess) -> None:
         "gate": hertz.GateOptions(silence_rms=float(silence) if silence else None),
         "prompt": os.environ.get("HERTZ_PROMPT") or None,
         "record_dir": os.environ.get("HERTZ_RECORD_DIR") or None,
+        "prebuffer": prebuffer_seconds(),
     }
     if model.startswith("hertz://"):  # a remote inference server holds the weights
         proc.userdata["hertz"] = hertz.DuplexModel(model=model, **options)
@@ -214,7 +220,7 @@ async def run_plain_rtc(ctx: JobContext, model: hertz.DuplexModel) -> None:
         end_call(ctx, f"hertz-dev could not start: {session.failed}")
         return
 
-    prebuffer = float(os.environ.get("HERTZ_PREBUFFER") or hertz.DEFAULT_PREBUFFER)
+    prebuffer = prebuffer_seconds()
     source = hertz.output_source(hertz.DEFAULT_SAMPLE_RATE, prebuffer=prebuffer)
     track = rtc.LocalAudioTrack.create_audio_track("hertz-dev", source)
     options = rtc.TrackPublishOptions(source=rtc.TrackSource.SOURCE_MICROPHONE)

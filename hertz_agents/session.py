@@ -212,6 +212,14 @@ class DuplexSession:
         """Same as :meth:`push_audio_nowait`; never waits on the model."""
         return self.push_audio_nowait(audio, sample_rate, channels)
 
+    @property
+    def alignment_samples(self) -> int:
+        """16 kHz samples of silence put before the caller's first frame (see ``align_steps``).
+
+        The caller's sample ``i`` is sample ``alignment_samples + i`` of the model's input.
+        """
+        return 0 if self._input is None else self._input.alignment_samples
+
     # -- output (on the event loop) -----------------------------------------------------------
     def _on_step(self, result: StepResult) -> None:
         out = self._output_resampler.process(result.audio)

@@ -224,3 +224,57 @@ async def test_a_talking_caller_is_speaking_not_away_and_away_only_after_silence
     listening = [t for t, state in states if state == "listening" and t > first_speaking]
     away = [t for t, state in states if state == "away"]
     assert listening and away and away[0] - listening[0] >= 0.9, states
+
+
+class RealTimeSpeaker(CaptureOutput):
+    """Plays like RoomIO's ``rtc.AudioSource``: in real time from a queue of at most 200 ms.
+
+    When a frame comes after the queued audio has run out inside a burst, the caller hears
+    silence for that long: each such gap is kept.
+    """
+
+    QUEUE_SECONDS = 0.2  # RoomIO's AudioSource(queue_size_ms=200)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gaps: list[float] = []
+        self._queue_end: float | None = None  # when the audio queued so far will have played
+
+    async def capture_frame(self, frame: rtc.AudioFrame) -> None:
+        now = time.monotonic()
+        if self._queue_end is not None and now > self._queue_end:
+            self.gaps.append(now - self._queue_end)
+        start = now if self._queue_end is None else max(now, self._queue_end)
+        self._queue_end = start + frame.duration
+        await super().capture_frame(frame)
+        queued = self._queue_end - time.monotonic()
+        if queued > self.QUEUE_SECONDS:  # a full source makes capture_frame wait for room
+            await asyncio.sleep(queued - self.QUEUE_SECONDS)
+
+    def flush(self) -> None:
+        super().flush()
+        self._queue_end = None  # the burst ended: silence until the next one is not a gap
+
+
+@pytest.mark.parametrize("prebuffer", [0.3, 0.0])
+async def test_late_steps_leave_no_gap_in_a_burst_with_the_prebuffer(engine, prebuffer):
+    # Steps that come 80 ms late (a busy GPU, a slow network hop to a hertz:// server) are
+    # heard as 80 ms of silence inside the model's speech unless audio is queued ahead of them.
+    model = hertz.DuplexModel(model=engine, sample_rate=OUT_RATE, gate=QUIET, prebuffer=prebuffer)
+    session = full_duplex_session(model)
+    session.input.audio = ToneInput(4.0)
+    out = session.output.audio = RealTimeSpeaker()
+    await session.start(Agent(instructions="hertz-dev reads no instructions"))
+    await asyncio.sleep(1.0)
+    for _ in range(5):
+        engine.inject_stall(0.08)
+        await asyncio.sleep(0.5)
+    await session.aclose()
+    played = sum(f.duration for f in out.frames)
+    longest = max(out.gaps, default=0.0)
+    print(f"\nprebuffer {prebuffer}: {played:.1f} s played, longest gap {longest * 1000:.0f} ms")
+    assert played > 2.0
+    if prebuffer:
+        assert longest <= 0.02, f"gaps inside the burst: {[round(g, 3) for g in out.gaps]}"
+    else:  # the control: without a cushion the same stalls are heard
+        assert longest >= 0.04, f"no gap without the pre-buffer: {out.gaps}"

@@ -178,3 +178,26 @@ async def test_output_is_held_for_the_prebuffer_then_handed_over_at_once():
     assert times[2] - times[0] < 0.01 and times[3] - times[2] > 0.01
     assert hertz.DEFAULT_PREBUFFER == 0.3
 
+
+
+def test_each_burst_is_held_for_the_prebuffer_and_the_quiet_between_is_not():
+    from livekit.plugins.hertz.prebuffer import BurstPrebuffer
+
+    gate_options = hertz.GateOptions(silence_rms=0.01, min_silence_duration=0.25)
+    adapters_gate = hertz.DuplexModel(gate=gate_options).audio_gate()
+    prebuffer = BurstPrebuffer(hertz.DuplexModel(gate=gate_options).audio_gate(), 0.3)
+    levels = [0.0, 0.0] + [0.2] * 6 + [0.0] * 3 + [0.2] + [0.0] * 4  # a long and a short burst
+    handed: list[list[int]] = []
+    heard: list[bool] = []
+    for step, level in enumerate(levels):
+        out = prebuffer.push(llm.DuplexAudioFrame(_step_frame(level), start_ms=step * 125))
+        handed.append([f.start_ms // 125 for f in out])
+        heard += [adapters_gate.update(f.frame) for f in out]  # what the adapter's gate says
+    handed.append([f.start_ms // 125 for f in prebuffer.flush()])
+    # quiet steps go at once; a burst is held until 0.3 s of it is in hand (3 steps), then goes
+    # on at once and its later steps as they come; a burst shorter than that goes when it ends
+    assert handed[:8] == [[0], [1], [], [], [2, 3, 4], [5], [6], [7]]
+    assert handed[11:14] == [[], [], [11, 12, 13]]
+    assert sum(handed, []) == list(range(len(levels)))  # nothing lost, nothing reordered
+    # the adapter's gate, fed what was handed on, opens and closes where the copy did
+    assert heard == [False] * 2 + [True] * 7 + [False] * 2 + [True] * 2 + [False] * 3

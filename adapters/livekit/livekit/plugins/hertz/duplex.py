@@ -40,7 +40,14 @@ from .caller_speech import CallerSpeech
 from .errors import api_error
 from .gate import build_gate
 from .log import logger
-from .models import DEFAULT_MODEL, DEFAULT_SAMPLE_RATE, GateOptions, HertzModels
+from .models import (
+    DEFAULT_MODEL,
+    DEFAULT_PREBUFFER,
+    DEFAULT_SAMPLE_RATE,
+    GateOptions,
+    HertzModels,
+)
+from .prebuffer import BurstPrebuffer
 
 PromptSource = str | Path | np.ndarray
 
@@ -54,6 +61,7 @@ class _ModelOptions:
     seed: int | None
     gate: GateOptions
     record_dir: Path | None
+    prebuffer: float
 
 
 class DuplexModel(llm.DuplexModel):
@@ -74,6 +82,7 @@ class DuplexModel(llm.DuplexModel):
         seed: NotGivenOr[int | None] = NOT_GIVEN,
         gate: NotGivenOr[GateOptions] = NOT_GIVEN,
         record_dir: NotGivenOr[str | os.PathLike[str] | None] = NOT_GIVEN,
+        prebuffer: NotGivenOr[float] = NOT_GIVEN,
     ) -> None:
         """Keep the options; a model name or directory is not loaded until it is needed.
 
@@ -89,6 +98,9 @@ class DuplexModel(llm.DuplexModel):
             seed: Seed for each session's sampler (None: a fresh one per session).
             gate: How the model's continuous output is split into audible bursts.
             record_dir: Directory for a stereo WAV of each call (caller | model), for debugging.
+            prebuffer: Seconds of each burst held before it is handed to ``AgentSession``
+                (default ``DEFAULT_PREBUFFER``, 0.3; 0: none), so late steps do not leave gaps
+                in playback. Each burst starts that much later.
         """
         super().__init__(
             capabilities=llm.DuplexCapabilities(
@@ -104,6 +116,9 @@ class DuplexModel(llm.DuplexModel):
         if sample_rate <= 0:
             raise ValueError(f"sample_rate must be positive, got {sample_rate}")
         record_dir = record_dir if is_given(record_dir) else None
+        prebuffer = prebuffer if is_given(prebuffer) else DEFAULT_PREBUFFER
+        if prebuffer < 0:
+            raise ValueError(f"prebuffer must be 0 or more seconds, got {prebuffer}")
         self._opts = _ModelOptions(
             model=model,
             sample_rate=sample_rate,
@@ -112,6 +127,7 @@ class DuplexModel(llm.DuplexModel):
             seed=seed if is_given(seed) else None,
             gate=gate if is_given(gate) else GateOptions(),
             record_dir=Path(record_dir) if record_dir is not None else None,
+            prebuffer=prebuffer,
         )
         self._sessions: weakref.WeakSet[DuplexSession] = weakref.WeakSet()
         self._sessions_lock = threading.Lock()  # a worker's job threads share one model
@@ -233,6 +249,7 @@ class DuplexSession(llm.DuplexSession[Any]):
         self._caller_speech = CallerSpeech(self._caller_started, self._caller_stopped)
         self._failed: APIError | None = None
         self._audio_ch = utils.aio.Chan[llm.DuplexAudioFrame]()
+        self._prebuffer = BurstPrebuffer(build_gate(self._opts.gate), self._opts.prebuffer)
         self._core = CoreSession(
             self._opts.model,
             prompt=self._opts.prompt,
@@ -262,13 +279,18 @@ class DuplexSession(llm.DuplexSession[Any]):
                 frame = rtc.AudioFrame(pcm.tobytes(), chunk.sample_rate, 1, pcm.shape[0])
                 # stamped with the step, so a dropped step does not shift the adapter's clock
                 start_ms = round(chunk.step * STEP_SECONDS * 1000)
-                with contextlib.suppress(utils.aio.ChanClosed):
-                    self._audio_ch.send_nowait(llm.DuplexAudioFrame(frame=frame, start_ms=start_ms))
+                self._send(self._prebuffer.push(llm.DuplexAudioFrame(frame, start_ms=start_ms)))
         except Exception as e:  # the engine or the server ended the call: a restart, a fault
             if not self._closing:
                 self._fail(e, "the hertz-dev session ended")
         finally:
+            self._send(self._prebuffer.flush())
             self._audio_ch.close()
+
+    def _send(self, frames: list[llm.DuplexAudioFrame]) -> None:
+        for frame in frames:
+            with contextlib.suppress(utils.aio.ChanClosed):
+                self._audio_ch.send_nowait(frame)
 
     def _fail(self, error: Exception, what: str) -> None:
         """The session cannot go on: say so once, as an error that ends the call.

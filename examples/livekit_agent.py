@@ -48,8 +48,9 @@ from livekit.agents import (
 from livekit.agents.worker import ServerEnvOption
 from livekit.plugins import hertz
 
-from hertz_agents.timing import SAMPLE_RATE
+from hertz_agents.timing import SAMPLE_RATE, STEP_SECONDS
 
+STEP_MS = round(STEP_SECONDS * 1000)
 INPUT_FRAME_MS = 20
 
 # (flag, environment variable, help); the flags are read here and passed on as the variables, so
@@ -235,9 +236,7 @@ async def run_plain_rtc(ctx: JobContext, model: hertz.DuplexModel) -> None:
         participant=participant,
         track_source=rtc.TrackSource.SOURCE_MICROPHONE,
         sample_rate=SAMPLE_RATE,
-        # short frames: the session cuts 125 ms steps on the clock every call shares, so the
-        # worker's calls are ready together and share the engine's batched tick
-        frame_size_ms=INPUT_FRAME_MS,
+        frame_size_ms=STEP_MS,
     )
 
     async def listen() -> None:

@@ -88,8 +88,10 @@ class DuplexSession:
         max_early_steps: Input steps kept while the slot opens; older ones are dropped and
             counted in ``metrics.dropped_input_steps``.
         align_steps: Cut the caller's steps on the wall clock's 125 ms boundaries, shared by
-            every session (see ``StepInput``), so calls on one engine share its batched ticks.
-            Applies to real-time frames shorter than half a step; it adds no latency.
+            every session (see ``StepInput``), so calls that started apart share the engine's
+            batched ticks. Applies to real-time frames shorter than half a step; it adds no
+            latency. Off by default: calls that already arrive in step (started together) can
+            be split one frame apart by it (see docs/engine.md).
     """
 
     def __init__(
@@ -103,7 +105,7 @@ class DuplexSession:
         seed: int | None = None,
         max_output_backlog: int = 16,
         max_early_steps: int = DEFAULT_MAX_EARLY_STEPS,
-        align_steps: bool = True,
+        align_steps: bool = False,
     ) -> None:
         if output_sample_rate <= 0:
             raise ValueError(f"output_sample_rate must be positive, got {output_sample_rate}")
@@ -140,7 +142,7 @@ class DuplexSession:
         record_path: str | os.PathLike[str] | None = None,
         seed: int | None = None,
         max_output_backlog: int = 16,
-        align_steps: bool = True,
+        align_steps: bool = False,
     ) -> DuplexSession:
         """Create a session on ``engine`` (any ``model=`` value) and wait until its slot is open.
 

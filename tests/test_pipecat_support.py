@@ -172,8 +172,8 @@ def playout_latencies(
         n = len(samples)
         if (n, b"") not in index:  # index the caller's audio for chunks of this length, once
             index[(n, b"")] = 0
-            # every offset: the session cuts steps on the shared step clock, not from the
-            # caller's first sample, so a played chunk can start at any sample of the caller's
+            # every offset: a session that cuts steps on the shared step clock does not cut
+            # from the caller's first sample, so a chunk can start at any sample of the caller's
             for p in range(0, len(pcm) - n + 1):
                 index.setdefault((n, pcm[p : p + n].tobytes()), p)
         chunk = to_pcm16(samples)

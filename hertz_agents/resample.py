@@ -301,7 +301,7 @@ class StepInput:
         """Forget everything pushed so far (a new caller, or a barge-in that discards input)."""
         self._resampler.reset()
         self._chunker.clear()
-        self._started = False
+        self._started, self.alignment_samples = False, 0
 
 
 __all__ = ["LOW_LATENCY", "Rechunker", "StepInput", "StreamResampler"]

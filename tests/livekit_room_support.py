@@ -90,11 +90,13 @@ def livekit_server() -> LiveKit:
     return LiveKit(env["LIVEKIT_URL"], env["LIVEKIT_API_KEY"], env["LIVEKIT_API_SECRET"])
 
 
-def echo_engine(model_dir: Path, *, max_sessions: int = 4) -> Engine:
+def echo_engine(model_dir: Path, *, max_sessions: int = 4, compute_s: float = 0.0) -> Engine:
     """A real Engine whose network is the identity (the stand-in the module docstring explains)."""
     engine = Engine(load_model(model_dir), max_sessions=max_sessions)
 
     def echo(rows, active, audio, sampling, generators):
+        if compute_s:
+            time.sleep(compute_s)  # a real model's tick takes time; the identity takes none
         return audio[:rows].clone()
 
     engine.stepper.tick = echo  # type: ignore[method-assign]
@@ -102,9 +104,12 @@ def echo_engine(model_dir: Path, *, max_sessions: int = 4) -> Engine:
 
 
 @asynccontextmanager
-async def echo_server(model_dir: Path, *, max_sessions: int = 4):
-    """Yields (hertz:// URL, engine) for the echo engine behind the project's inference server."""
-    engine = echo_engine(model_dir, max_sessions=max_sessions)
+async def echo_server(model_dir: Path, *, max_sessions: int = 4, compute_s: float = 0.0):
+    """Yields (hertz:// URL, engine) for the echo engine behind the project's inference server.
+
+    ``compute_s``: how long each tick takes, as a real model's would (the identity takes none).
+    """
+    engine = echo_engine(model_dir, max_sessions=max_sessions, compute_s=compute_s)
     runner = web.AppRunner(
         HertzServer(engine, ServerConfig(token=TOKEN)).make_app(),
         access_log=None,

@@ -108,7 +108,11 @@ async def test_a_caller_hears_the_agent_and_hanging_up_frees_the_slot(
 
 async def test_four_rooms_at_once_share_one_engine(livekit_server, tiny_model_dir, tmp_path):  # noqa: F811
     agent = room_name("hertz")
-    async with echo_server(tiny_model_dir, max_sessions=4) as (url, engine, _):
+    # Ticks of 40 ms, as a model on a GPU takes: four callers deliver their steps at independent
+    # phases of the 125 ms clock, and calls that become ready while a tick runs share the next
+    # one (the engine's policy, docs/engine.md). With the echo's zero compute they would share a
+    # tick only when their phases happened to meet, which about one run in three never did.
+    async with echo_server(tiny_model_dir, max_sessions=4, compute_s=0.04) as (url, engine, _):
         # job processes (the default with a remote engine): one call's stall cannot starve the rest
         worker = Worker(
             livekit_server,

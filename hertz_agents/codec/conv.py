@@ -34,10 +34,6 @@ class StreamCursor:
         self.new_states.append(state)
 
 
-SHORT_OUTPUT = 12
-"""Outputs this short (undilated, unstrided) are computed as one matrix product, not a conv."""
-
-
 class CausalConv1d(nn.Module):
     """Conv1d with ``(kernel - 1) * dilation`` zeros of left padding (official key: ``.conv``)."""
 
@@ -56,22 +52,7 @@ class CausalConv1d(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """Convolve the whole signal ``x`` [B, cin, T] with causal left padding."""
-        return self._convolve(F.pad(x, (self.history, 0)))
-
-    def _convolve(self, padded: Tensor) -> Tensor:
-        conv = self.conv
-        out_len = padded.shape[-1] - self.history
-        if out_len > SHORT_OUTPUT or conv.stride != (1,) or conv.dilation != (1,):
-            return conv(padded)
-        # A streaming step of the codec's coarsest stages is a handful of samples. For inputs
-        # that short PyTorch passes over oneDNN to a generic conv that is 2-3x slower on the
-        # CPU (6.4 of 218 ms per step of the official codec); the same sum as one matrix product
-        # over the unfolded windows is not.
-        b, cin, _ = padded.shape
-        kernel = conv.kernel_size[0]
-        windows = padded.unfold(-1, kernel, 1).transpose(1, 2).reshape(b, out_len, cin * kernel)
-        out = F.linear(windows, conv.weight.reshape(conv.out_channels, cin * kernel), conv.bias)
-        return out.transpose(1, 2)
+        return self.conv(F.pad(x, (self.history, 0)))
 
     def initial_state(self, batch: int, device, dtype) -> Tensor:
         """Return zeros [batch, cin, history]: the state before any input, equal to the padding."""
@@ -82,7 +63,7 @@ class CausalConv1d(nn.Module):
         """Convolve the new chunk ``x`` after the history held in ``cursor``; keep its new tail."""
         padded = torch.cat((cursor.take(), x), dim=-1)
         cursor.give(padded[..., padded.shape[-1] - self.history :])
-        return self._convolve(padded)
+        return self.conv(padded)
 
 
 class CausalConvTranspose1d(nn.Module):

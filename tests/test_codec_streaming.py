@@ -77,4 +77,3 @@ def test_rows_keep_separate_state(codec):
         together = codec.encode(audio)
         alone = torch.cat([codec.encode(audio[i : i + 1]) for i in range(2)], dim=0)
     assert_close(together, alone, rel=1e-6)
-

@@ -7,7 +7,8 @@
   :class:`LoopSlot` closed is given back at once;
 * can be used before the slot is open: input steps submitted meanwhile wait in a bounded queue
   (the oldest dropped and counted) and are fed once it opens, a few at a time so the backend's
-  own backlog bound does not drop them;
+  own backlog bound does not drop them; steps that arrive in a burst after it opened (audio
+  that queued up elsewhere meanwhile) are fed the same way;
 * numbers the input steps it accepts 0, 1, 2... (early ones included), hops each output from the
   backend's thread to the loop (``call_soon_threadsafe``) and pairs it with the input step it
   answers by the backend's sequence number (see ``hertz_agents.backend``); input steps skipped
@@ -88,6 +89,7 @@ class LoopSlot:
         # Handed to the backend, not yet answered, oldest first:
         # (backend's seq, ours, audio, when the caller completed it).
         self._pending: deque[tuple[int, int, np.ndarray, float]] = deque()
+        self._last_arrival = 0.0  # when the previous input step was submitted (monotonic)
         self._next_seq = 0
         self._opening: asyncio.Task[None] | None = None
         self._open_call: asyncio.Future[Slot] | None = None  # the backend's open, on a thread
@@ -200,7 +202,18 @@ class LoopSlot:
                 return None
         seq = self._next_seq
         self._next_seq += 1
-        if self.handle is None or self._early:
+        # Steps that come faster than real time while the backend already has a few (audio
+        # that queued up elsewhere: behind Pipecat's StartFrame while the slot opened, after a
+        # network stall) are fed as it answers, like early ones: handed on at once, more than
+        # its backlog bound would be dropped. Steps at real-time pace always go straight on, so
+        # a backend that falls behind still drops the oldest to bound the latency.
+        burst = (
+            self.handle is not None
+            and now - self._last_arrival < STEP_SECONDS / 2
+            and len(self._pending) >= EARLY_FEED_AHEAD
+        )
+        self._last_arrival = now
+        if self.handle is None or self._early or burst:
             if self.handle is None and self._max_early <= 0:
                 raise RuntimeError("submit before the slot is open (wait_open first)")
             self._early.append((seq, audio, complete_at))
@@ -209,6 +222,7 @@ class LoopSlot:
                 self.early_dropped += 1
                 if self.handle is not None:
                     self.handle.metrics.dropped_input_steps += 1
+            self._feed_early()
             return seq
         self._submit_now(seq, audio, complete_at)
         return seq

@@ -272,10 +272,13 @@ async def test_outputs_name_their_inputs_and_steps_the_engine_dropped_are_counte
     )
     try:
         session = await DuplexSession.open(eng, seed=7)
-        eng.inject_stall(0.6)  # the next tick takes 0.6 s longer: input piles up behind it
+        eng.inject_stall(1.2)  # the next tick takes 1.2 s longer: input piles up behind it
         sent = session.push_audio_nowait(_tone(STEP_SECONDS, SAMPLE_RATE), SAMPLE_RATE)
         await asyncio.sleep(0.2)  # the stalled tick has taken step 0
-        sent += session.push_audio_nowait(_tone(6 * STEP_SECONDS, SAMPLE_RATE), SAMPLE_RATE)
+        step = _tone(STEP_SECONDS, SAMPLE_RATE)
+        for _ in range(6):  # the caller goes on in real time (a burst would be paced instead)
+            sent += session.push_audio_nowait(step, SAMPLE_RATE)
+            await asyncio.sleep(STEP_SECONDS)
         assert sent == list(range(7))
         answered = []
         while len(answered) + session.metrics.dropped_input_steps < len(sent):
@@ -332,10 +335,14 @@ async def _talk_in_real_time(session: DuplexSession, start: float, seconds: floa
 
 @pytest.mark.parametrize("align", [True, False])
 async def test_real_time_calls_started_apart_share_the_engines_ticks(tiny_model_dir, align):
-    # Two callers whose audio starts 61 ms apart: far outside the engine's 10 ms batch window.
+    # Two callers whose audio starts 61 ms apart: far outside the engine's batch window.
     # Cut on the shared step clock, their steps end together and one forward steps both.
-    # An engine of their own: another test's open session would tick at its own phase.
-    engine = Engine(load_model(tiny_model_dir, device="cpu"), max_sessions=2, context=256)
+    # An engine of their own: another test's open session would tick at its own phase. Its
+    # batch window covers one 20 ms frame: a step ends with the frame that holds its last
+    # sample, so calls cut on one clock are ready within a frame of each other, not together.
+    engine = Engine(
+        load_model(tiny_model_dir, device="cpu"), max_sessions=2, context=256, batch_window=0.025
+    )
     sessions = [await DuplexSession.open(engine, seed=i, align_steps=align) for i in range(2)]
     loop = asyncio.get_running_loop()
     t0 = loop.time() + 0.05
@@ -353,3 +360,16 @@ async def test_real_time_calls_started_apart_share_the_engines_ticks(tiny_model_
         assert shared >= 0.6, f"aligned calls shared only {shared:.0%} of ticks: {sizes}"
     else:  # the same callers cut from their first sample: the control that shows the difference
         assert shared <= 0.3, f"unaligned calls shared {shared:.0%} of ticks: {sizes}"
+
+
+async def test_a_burst_of_audio_after_the_slot_opened_is_fed_not_dropped(engine):
+    # Audio that queued up elsewhere while the slot opened (Pipecat holds a call's audio behind
+    # its StartFrame until the first slot is open) arrives at once: 1.5 s, 12 steps, more than
+    # the engine's input backlog (4). It is fed as the engine answers, like early audio.
+    session = await DuplexSession.open(engine, seed=9)
+    seqs = session.push_audio_nowait(_tone(1.5, SAMPLE_RATE), SAMPLE_RATE)
+    assert seqs == list(range(12))
+    chunks = await _read(session, 12)
+    assert [c.input_seq for c in chunks] == list(range(12)), "steps of the burst were skipped"
+    assert session.metrics.dropped_input_steps == 0
+    await session.close()

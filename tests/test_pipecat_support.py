@@ -172,9 +172,8 @@ def playout_latencies(
         n = len(samples)
         if (n, b"") not in index:  # index the caller's audio for chunks of this length, once
             index[(n, b"")] = 0
-            # every offset: a session that cuts steps on the shared step clock does not cut
-            # from the caller's first sample, so a chunk can start at any sample of the caller's
-            for p in range(0, len(pcm) - n + 1):
+            stride = int(np.gcd(frame, np.gcd(n, SAMPLES_PER_STEP * rate // SAMPLE_RATE)))
+            for p in range(0, len(pcm) - n + 1, stride):
                 index.setdefault((n, pcm[p : p + n].tobytes()), p)
         chunk = to_pcm16(samples)
         p = index.get((n, chunk)) if any(chunk) else None

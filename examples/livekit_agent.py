@@ -105,6 +105,11 @@ def read_flags(argv: list[str]) -> list[str]:
 read_flags(sys.argv[1:])  # at import: the agent name below is read when the module loads
 
 
+def plain_rtc() -> bool:
+    """``--io rtc``: every step played through ``rtc.AudioSource``, no ``AgentSession``."""
+    return os.environ.get("HERTZ_LIVEKIT_IO", "agent") == "rtc"
+
+
 def prebuffer_seconds() -> float:
     """Seconds of the model's output held before it plays (``--prebuffer``)."""
     return float(os.environ.get("HERTZ_PREBUFFER") or hertz.DEFAULT_PREBUFFER)
@@ -118,7 +123,8 @@ def load_model(proc: JobProcess) -> None:
         "gate": hertz.GateOptions(silence_rms=float(silence) if silence else None),
         "prompt": os.environ.get("HERTZ_PROMPT") or None,
         "record_dir": os.environ.get("HERTZ_RECORD_DIR") or None,
-        "prebuffer": prebuffer_seconds(),
+        # per burst for AgentSession; the rtc path holds its own once per call (play_stream)
+        "prebuffer": 0.0 if plain_rtc() else prebuffer_seconds(),
     }
     if model.startswith("hertz://"):  # a remote inference server holds the weights
         proc.userdata["hertz"] = hertz.DuplexModel(model=model, **options)
@@ -173,7 +179,7 @@ def end_call(ctx: JobContext, reason: str) -> None:
 @server.rtc_session(agent_name=os.environ.get("HERTZ_AGENT_NAME", ""))
 async def entrypoint(ctx: JobContext) -> None:
     model: hertz.DuplexModel = ctx.proc.userdata["hertz"]
-    if os.environ.get("HERTZ_LIVEKIT_IO", "agent") == "rtc":
+    if plain_rtc():
         await run_plain_rtc(ctx, model)
         return
 

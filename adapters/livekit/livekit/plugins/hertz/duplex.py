@@ -100,7 +100,8 @@ class DuplexModel(llm.DuplexModel):
             record_dir: Directory for a stereo WAV of each call (caller | model), for debugging.
             prebuffer: Seconds of each burst held before it is handed to ``AgentSession``
                 (default ``DEFAULT_PREBUFFER``, 0.3; 0: none), so late steps do not leave gaps
-                in playback. Each burst starts that much later.
+                in playback. Each burst starts that much later. Set 0 when you play
+                ``audio_stream`` yourself with :func:`play_stream`, which holds its own.
         """
         super().__init__(
             capabilities=llm.DuplexCapabilities(

@@ -31,9 +31,9 @@ import pytest
 import soundfile as sf
 import soxr
 from aiohttp import web
+from early_audio import identity_engine
 from livekit import api, rtc
 
-from hertz_agents.checkpoint import load_model
 from hertz_agents.engine import Engine
 from hertz_agents.server.app import HertzServer, ServerConfig
 
@@ -91,24 +91,16 @@ def livekit_server() -> LiveKit:
 
 
 def echo_engine(model_dir: Path, *, max_sessions: int = 4, compute_s: float = 0.0) -> Engine:
-    """A real Engine whose network is the identity (the stand-in the module docstring explains)."""
-    engine = Engine(load_model(model_dir), max_sessions=max_sessions)
+    """A real Engine whose network is the identity (the stand-in the module docstring explains).
 
-    def echo(rows, active, audio, sampling, generators):
-        if compute_s:
-            time.sleep(compute_s)  # a real model's tick takes time; the identity takes none
-        return audio[:rows].clone()
-
-    engine.stepper.tick = echo  # type: ignore[method-assign]
-    return engine
+    ``compute_s``: how long each tick takes, as a real model's would (the identity takes none).
+    """
+    return identity_engine(model_dir, compute_s=compute_s, max_sessions=max_sessions)
 
 
 @asynccontextmanager
 async def echo_server(model_dir: Path, *, max_sessions: int = 4, compute_s: float = 0.0):
-    """Yields (hertz:// URL, engine) for the echo engine behind the project's inference server.
-
-    ``compute_s``: how long each tick takes, as a real model's would (the identity takes none).
-    """
+    """Yields (hertz:// URL, engine) for the echo engine behind the project's inference server."""
     engine = echo_engine(model_dir, max_sessions=max_sessions, compute_s=compute_s)
     runner = web.AppRunner(
         HertzServer(engine, ServerConfig(token=TOKEN)).make_app(),

@@ -336,11 +336,13 @@ def echo_delay(caller: Caller, sent: np.ndarray) -> tuple[float, float]:
     return offset + best_lag * HOP / RATE, best
 
 
-def gaps_in_speech(caller: Caller, sent: np.ndarray, delay: float) -> list[float]:
-    """Lengths (s) of near-digital-silence runs in what came back where the echo should be loud.
+def _dropouts(caller: Caller, sent: np.ndarray, delay: float) -> list[tuple[float, bool]]:
+    """(seconds, inside) for each run of near-digital silence where the echo should be loud.
 
     A run of 5 ms blocks below -80 dBFS while the sent speech, delayed by ``delay``, is above
-    -40 dBFS: audio the caller should have heard and did not (an output queue that ran dry).
+    -40 dBFS. ``inside`` is True when what came back just before the run was sound: playback ran
+    dry in the middle of a burst. False when the silence had begun before the speech it covers:
+    a burst that started late (its onset latency), not a hole in it.
     """
     heard = caller.recording()
     start = int(round((delay - (caller.first_heard_at - caller.said_from)) * RATE))
@@ -350,16 +352,30 @@ def gaps_in_speech(caller: Caller, sent: np.ndarray, delay: float) -> list[float
         expected[start : start + n] = sent[:n]
     loud = _envelope(expected) > 10 ** (-40 / 20)
     silent = _envelope(heard) < 10 ** (-80 / 20)
-    runs, run = [], 0
-    for is_gap in loud & silent:
-        if is_gap:
-            run += 1
-        elif run:
-            runs.append(run * HOP / RATE)
-            run = 0
-    if run:
-        runs.append(run * HOP / RATE)
+    runs: list[tuple[float, bool]] = []
+    block = 0
+    while block < len(loud):
+        if not (loud[block] and silent[block]):
+            block += 1
+            continue
+        first = block
+        while block < len(loud) and loud[block] and silent[block]:
+            block += 1
+        inside = first > 0 and not silent[first - 1]
+        runs.append(((block - first) * HOP / RATE, inside))
     return runs
+
+
+def gaps_in_speech(caller: Caller, sent: np.ndarray, delay: float) -> list[float]:
+    """Lengths (s) of the holes inside the agent's bursts: silence after sound, where the echo
+    should be loud (an output queue that ran dry)."""
+    return [seconds for seconds, inside in _dropouts(caller, sent, delay) if inside]
+
+
+def late_starts(caller: Caller, sent: np.ndarray, delay: float) -> list[float]:
+    """How much later than the call's typical delay each late burst began (s); latency, which
+    the per-window delays measure, not a gap."""
+    return [seconds for seconds, inside in _dropouts(caller, sent, delay) if not inside]
 
 
 def window_delays(caller: Caller, sent: np.ndarray, *, window_s: float = 1.0) -> list[float]:

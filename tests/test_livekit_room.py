@@ -22,6 +22,7 @@ from livekit_room_support import (
     echo_delay,
     echo_server,
     gaps_in_speech,
+    late_starts,
     livekit_server,  # noqa: F401 - a fixture
     room_name,
     speech,
@@ -54,11 +55,14 @@ async def _wait_until(condition, timeout: float, what: str) -> None:
         await asyncio.sleep(0.1)
 
 
-def _report(label: str, delays: list[float], gaps: list[float]) -> tuple[float, float]:
+def _report(
+    label: str, delays: list[float], gaps: list[float], late: list[float]
+) -> tuple[float, float]:
     median, p90 = float(np.median(delays)), float(np.percentile(delays, 90))
     print(
         f"\n{label}: mouth-to-ear median {median * 1000:.0f} ms, p90 {p90 * 1000:.0f} ms "
-        f"({len(delays)} windows); longest gap in speech {max(gaps, default=0) * 1000:.0f} ms"
+        f"({len(delays)} windows); longest gap in speech {max(gaps, default=0) * 1000:.0f} ms; "
+        f"bursts that began late: {[round(s * 1000) for s in late]} ms"
     )
     return median, p90
 
@@ -97,7 +101,8 @@ async def test_a_caller_hears_the_agent_and_hanging_up_frees_the_slot(
             delays = window_delays(caller, sent)
             assert len(delays) >= 4, "too few seconds of speech were found in what came back"
             gaps = gaps_in_speech(caller, sent, delay)
-            median, p90 = _report(f"{io} mode", delays, gaps)
+            late = late_starts(caller, sent, delay)  # onset latency, reported, not a gap
+            median, p90 = _report(f"{io} mode", delays, gaps, late)
             assert 0.1 < median < 2.0
             assert max(gaps, default=0.0) <= MAX_GAP_S, f"gaps inside speech: {gaps}"
 

@@ -102,7 +102,30 @@ def read_flags(argv: list[str]) -> list[str]:
     return rest
 
 
+def _number(env: str, kind: type, *, minimum: float, flag: str) -> None:
+    value = os.environ.get(env)
+    if not value:
+        return
+    try:
+        ok = kind(value) >= minimum
+    except ValueError:
+        ok = False
+    if not ok:
+        what = "a whole number" if kind is int else "a number"
+        print(f"{flag} must be {what} of at least {minimum}, got {value!r}", file=sys.stderr)
+        sys.exit(2)
+
+
+def check_settings() -> None:
+    """Refuse a bad number when the worker starts, not inside the first call's job."""
+    _number("HERTZ_PREBUFFER", float, minimum=0, flag="--prebuffer")
+    _number("HERTZ_SILENCE_RMS", float, minimum=0, flag="--silence-rms")
+    _number("HERTZ_MAX_SESSIONS", int, minimum=1, flag="--max-sessions")
+    _number("HERTZ_HTTP_PORT", int, minimum=0, flag="--http-port")
+
+
 read_flags(sys.argv[1:])  # at import: the agent name below is read when the module loads
+check_settings()
 
 
 def plain_rtc() -> bool:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import os
+import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -30,6 +31,8 @@ def import_example(monkeypatch, **env: str):
         "HERTZ_MAX_SESSIONS",
         "HERTZ_LIVEKIT_IO",
         "HERTZ_EXECUTOR",
+        "HERTZ_PREBUFFER",
+        "HERTZ_HTTP_PORT",
     ):
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
@@ -72,6 +75,23 @@ def test_flags_become_settings_and_the_rest_is_left_for_livekit(monkeypatch):
     assert rest == ["start", "--log-level", "debug"]
     assert os.environ["HERTZ_MODEL"] == "/ckpt/x" and os.environ["HERTZ_AGENT_NAME"] == "hertz"
     assert import_example(monkeypatch, HERTZ_AGENT_NAME="hertz").server._agent_name == "hertz"
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [("--prebuffer", "abc"), ("--prebuffer", "-1"), ("--max-sessions", "0"), ("--http-port", "x")],
+)
+def test_a_bad_number_stops_the_worker_at_startup_and_says_which(flag, value):
+    # before this check, --prebuffer abc started a worker whose every call failed in prewarm
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "livekit_agent.py"), flag, value, "start"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "LIVEKIT_URL": "ws://127.0.0.1:9"},  # never reached
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert f"{flag} must be" in done.stderr and repr(value) in done.stderr
 
 
 async def test_prewarm_in_every_job_thread_shares_one_engine_and_one_gate_measurement(

@@ -22,6 +22,7 @@ TEST_KINDS: dict[str, tuple[str, ...]] = {
     "test_codec_streaming.py": ("unit",),
     "test_engine.py": ("unit",),
     "test_livekit_example.py": ("unit",),
+    "test_livekit_room_analysis.py": ("unit",),
     "test_parity.py": ("unit",),
     "test_pipecat_gate.py": ("unit",),
     "test_pipecat_support.py": ("unit",),

@@ -38,6 +38,7 @@ import torch
 from torch import Tensor
 
 from hertz_agents.config import usable_context
+from hertz_agents.engine.allocator import keep_freed_memory
 from hertz_agents.engine.slots import SlotTable, masked_assign
 from hertz_agents.model.hertz import Caches, HertzModel
 from hertz_agents.sampling import SamplingNoise, SamplingSettings, SamplingTensors
@@ -147,6 +148,10 @@ class Stepper:
         self._live, self._advance, self._fill = self._live_core, self._advance_core, self._fill_core
         if compile:
             self._compile("inductor" if compile is True else compile)
+        if self.device.type == "cpu":
+            # a CPU tick frees and reallocates megabytes of codec buffers; without this glibc
+            # returns them to the kernel and the next tick faults them in again (allocator.py)
+            keep_freed_memory()
 
     def _compile(self, backend: str) -> None:
         cuda = self.device.type == "cuda"

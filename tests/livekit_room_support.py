@@ -211,6 +211,7 @@ class Caller:
     said_from: float | None = None
     agent_joined_at: float | None = None
     disconnected: asyncio.Event = field(default_factory=asyncio.Event)
+    disconnect_reason: int | None = None  # an ``rtc.DisconnectReason``
 
     async def join(self) -> None:
         token = (
@@ -225,7 +226,7 @@ class Caller:
         self._room = rtc.Room()
         self._room.on("track_subscribed", self._on_track)
         self._room.on("participant_connected", self._on_participant)
-        self._room.on("disconnected", lambda *_: self.disconnected.set())
+        self._room.on("disconnected", self._on_disconnected)
         await self._room.connect(self.livekit.url, token.to_jwt())
         for p in self._room.remote_participants.values():
             self._on_participant(p)
@@ -245,6 +246,10 @@ class Caller:
             await self._source.capture_frame(silence)
             n += 1
             await asyncio.sleep(max(0.0, start + n * FRAME / RATE - time.monotonic()))
+
+    def _on_disconnected(self, reason: int | None = None, *_: object) -> None:
+        self.disconnect_reason = reason
+        self.disconnected.set()
 
     def _on_participant(self, participant: rtc.RemoteParticipant) -> None:
         if (

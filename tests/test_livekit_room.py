@@ -16,6 +16,7 @@ import time
 
 import numpy as np
 import pytest
+from livekit import rtc
 from livekit_room_support import (
     Caller,
     Worker,
@@ -242,3 +243,56 @@ async def test_an_engine_that_fails_mid_call_ends_the_call(
             await asyncio.wait_for(caller.disconnected.wait(), timeout=30)
             log = worker.log()
     assert "hertz-dev" in log and "Traceback" not in log, log[-3000:]
+
+
+@pytest.mark.parametrize("io", ["agent", "rtc"])
+async def test_a_call_whose_model_cannot_start_is_ended_not_left_in_silence(
+    livekit_server,  # noqa: F811 - the fixture
+    tiny_model_dir,
+    tmp_path,
+    io,
+):
+    # the session never opens: here a prompt that is not audio, read when each call starts. The
+    # worker registers and takes the call, so the caller would sit in a silent room unless the
+    # agent ends it (the plain-rtc mode once never checked that its session had opened)
+    prompt = tmp_path / "prompt.wav"
+    prompt.write_bytes(b"this is not a WAV file")
+    agent = room_name("hertz")
+    async with echo_server(tiny_model_dir) as (url, engine, _):
+        worker = Worker(
+            livekit_server,
+            tmp_path / "worker.log",
+            "--model",
+            url,
+            "--agent-name",
+            agent,
+            "--io",
+            io,
+            "--silence-rms",
+            "0.001",
+            "--prompt",
+            str(prompt),
+        )
+        async with worker:
+            caller = Caller(livekit_server, room_name("call"), agent_name=agent)
+            await caller.join()
+            await asyncio.wait_for(caller.disconnected.wait(), timeout=60)
+            # the agent deleted the room (the plain-rtc agent may do so before the caller sees
+            # it join)
+            assert caller.disconnect_reason == rtc.DisconnectReason.ROOM_DELETED
+            assert engine.active_sessions == 0
+            log = worker.log()
+    assert "hertz-dev" in log and "bad_prompt" in log, log[-3000:]
+    assert not _tracebacks_but_livekits_publish_race(log), log[-3000:]
+
+
+def _tracebacks_but_livekits_publish_race(log: str) -> list[str]:
+    """Log lines with a traceback, except one LiveKit's SDK logs on its own: a session closed
+    while RoomIO was still publishing its track, so the SDK's handler for the late
+    ``local_track_published`` event looks the track up, finds it gone and raises KeyError."""
+    return [
+        line
+        for line in log.splitlines()
+        if "Traceback" in line
+        and not ("local_track_published" in line and "KeyError" in line)
+    ]

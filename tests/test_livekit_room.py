@@ -282,7 +282,7 @@ async def test_a_call_whose_model_cannot_start_is_ended_not_left_in_silence(
             assert caller.disconnect_reason == rtc.DisconnectReason.ROOM_DELETED
             assert engine.active_sessions == 0
             log = worker.log()
-    assert "hertz-dev" in log and "bad_prompt" in log, log[-3000:]
+    assert "hertz-dev" in log and "bad_prompt" in log and "WAV or FLAC" in log, log[-3000:]
     assert not _tracebacks_but_livekits_publish_race(log), log[-3000:]
 
 

@@ -344,6 +344,10 @@ async def test_inline_prompts_are_checked_from_their_header_and_budgeted_per_add
             assert reply["code"] == "bad_prompt" and "300.0 s" in reply["message"], reply
             reply = await _prompt_start(http, server.port, _flac(2.0, channels=3))
             assert reply["code"] == "bad_prompt" and "3 channels" in reply["message"], reply
+            reply = await _prompt_start(http, server.port, b"this is not a WAV file")
+            assert reply["code"] == "bad_prompt", reply
+            # the reason, and what to send instead; not the server's in-memory buffer
+            assert "WAV or FLAC" in reply["message"] and "BytesIO" not in reply["message"], reply
             for seed in (1, 2):
                 assert (await _prompt_start(http, server.port, _flac(1.0, seed=seed)))["type"] == (
                     "started"

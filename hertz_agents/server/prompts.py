@@ -141,8 +141,12 @@ class PromptCatalogue:
         try:
             info = sf.info(io.BytesIO(audio))
         except (sf.SoundFileError, RuntimeError, TypeError) as e:
+            # libsndfile names the in-memory buffer ("Error opening <_io.BytesIO ...>: ..."),
+            # which tells the client nothing; its reason is the last part
+            reason = str(e).rsplit(": ", 1)[-1]
             raise p.ProtocolError(
-                p.ErrorCode.BAD_PROMPT, f"the inline prompt cannot be read: {e}"
+                p.ErrorCode.BAD_PROMPT,
+                f"the inline prompt cannot be read as audio ({reason}); send a WAV or FLAC file",
             ) from None
         problems = []
         if info.channels > MAX_PROMPT_CHANNELS:

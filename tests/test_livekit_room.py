@@ -68,6 +68,16 @@ def _report(
     return median, p90
 
 
+def _echo_worker(livekit, tmp_path, url: str, agent: str, io: str, *options: str) -> Worker:
+    """The example worker on the echo server, registered under ``agent``, in ``io`` mode."""
+    return Worker(
+        livekit,
+        tmp_path / "worker.log",
+        *("--model", url, "--agent-name", agent, "--io", io, "--silence-rms", "0.001"),
+        *options,
+    )
+
+
 @pytest.mark.parametrize("io", ["agent", "rtc"])
 async def test_a_caller_hears_the_agent_and_hanging_up_frees_the_slot(
     livekit_server,  # noqa: F811 - the fixture
@@ -77,18 +87,7 @@ async def test_a_caller_hears_the_agent_and_hanging_up_frees_the_slot(
 ):
     agent = room_name("hertz")
     async with echo_server(tiny_model_dir) as (url, engine, _):
-        worker = Worker(
-            livekit_server,
-            tmp_path / "worker.log",
-            "--model",
-            url,
-            "--agent-name",
-            agent,
-            "--io",
-            io,
-            "--silence-rms",
-            "0.001",
-        )
+        worker = _echo_worker(livekit_server, tmp_path, url, agent, io)
         async with worker:
             caller = Caller(livekit_server, room_name("call"), agent_name=agent)
             # chat messages while the model speaks: RoomIO's default text input would interrupt()
@@ -221,18 +220,7 @@ async def test_an_engine_that_fails_mid_call_ends_the_call(
 ):
     agent = room_name("hertz")
     async with echo_server(tiny_model_dir) as (url, engine, _):
-        worker = Worker(
-            livekit_server,
-            tmp_path / "worker.log",
-            "--model",
-            url,
-            "--agent-name",
-            agent,
-            "--io",
-            io,
-            "--silence-rms",
-            "0.001",
-        )
+        worker = _echo_worker(livekit_server, tmp_path, url, agent, io)
         async with worker:
             caller = Caller(livekit_server, room_name("call"), agent_name=agent)
             await caller.join()
@@ -259,20 +247,7 @@ async def test_a_call_whose_model_cannot_start_is_ended_not_left_in_silence(
     prompt.write_bytes(b"this is not a WAV file")
     agent = room_name("hertz")
     async with echo_server(tiny_model_dir) as (url, engine, _):
-        worker = Worker(
-            livekit_server,
-            tmp_path / "worker.log",
-            "--model",
-            url,
-            "--agent-name",
-            agent,
-            "--io",
-            io,
-            "--silence-rms",
-            "0.001",
-            "--prompt",
-            str(prompt),
-        )
+        worker = _echo_worker(livekit_server, tmp_path, url, agent, io, "--prompt", str(prompt))
         async with worker:
             caller = Caller(livekit_server, room_name("call"), agent_name=agent)
             await caller.join()
@@ -293,6 +268,5 @@ def _tracebacks_but_livekits_publish_race(log: str) -> list[str]:
     return [
         line
         for line in log.splitlines()
-        if "Traceback" in line
-        and not ("local_track_published" in line and "KeyError" in line)
+        if "Traceback" in line and not ("local_track_published" in line and "KeyError" in line)
     ]

@@ -4,9 +4,10 @@ A tick on the CPU allocates and frees hundreds of buffers of a few megabytes: th
 of every session (32 sessions of the default model: [32, 8, 2000] float32, 2 MB each). glibc's
 malloc hands free memory at the top of a heap back to the kernel once a few megabytes of it are
 free, so each tick maps the same pages again: measured with the default model, 32 sessions at
-position 50 on 2 threads, 12,000-16,000 page faults and 30-40 ms of kernel time per tick: 120 ms
-median a tick with them, 83 ms without (docs/benchmarks.md). PyTorch's CPU tuning guides reach for jemalloc or
-tcmalloc for the same reason; telling glibc to keep what it frees does it without a preload.
+position 50 on 2 threads, 12,000-16,000 page faults and 30-40 ms of kernel time per tick, and a
+tick of 120 ms median with them against 83 ms without (docs/benchmarks.md). PyTorch's CPU
+tuning guides reach for jemalloc or tcmalloc for the same reason; telling glibc to keep what it
+frees does it without a preload.
 
 It is process-wide and one-way (glibc has no call that restores its adaptive defaults), so the
 stepper applies it once, for CPU models only; ``HERTZ_KEEP_FREED_MEMORY=0`` leaves malloc alone.

@@ -333,19 +333,14 @@ async def _talk_in_real_time(session: DuplexSession, start: float, seconds: floa
         session.push_audio_nowait(audio[i * frame : (i + 1) * frame], SAMPLE_RATE)
 
 
-@pytest.mark.parametrize("align", [True, False])
-async def test_real_time_calls_started_apart_share_the_engines_ticks(tiny_model_dir, align):
-    # Two callers whose audio starts 61 ms apart: far outside the engine's batch window.
-    # Cut on the shared step clock, their steps end together and one forward steps both.
-    # An engine of their own: another test's open session would tick at its own phase. Its
-    # batch window covers two 20 ms frames: a step ends with the frame that holds its last
-    # sample, so calls cut on one clock are ready within a frame of each other, not together,
-    # and a loaded machine's event loop pushes frames a few ms late (a 25 ms window shared 55%
-    # of ticks in one CI run). The unaligned calls, 61 ms apart, stay outside it.
+async def _share_of_ticks_stepping_both(tiny_model_dir, align: bool, seed: int) -> list[int]:
+    """Two real-time callers 61 ms apart on an engine of their own; the engine's tick sizes."""
     engine = Engine(
         load_model(tiny_model_dir, device="cpu"), max_sessions=2, context=256, batch_window=0.04
     )
-    sessions = [await DuplexSession.open(engine, seed=i, align_steps=align) for i in range(2)]
+    sessions = [
+        await DuplexSession.open(engine, seed=seed + i, align_steps=align) for i in range(2)
+    ]
     loop = asyncio.get_running_loop()
     t0 = loop.time() + 0.05
     engine.tick_sizes.clear()
@@ -356,12 +351,31 @@ async def test_real_time_calls_started_apart_share_the_engines_ticks(tiny_model_
     for s in sessions:
         await s.close()
     engine.close()
-    shared = sum(size == 2 for size in sizes) / len(sizes)
-    print(f"\nalign_steps={align}: {len(sizes)} ticks, {shared:.0%} stepped both calls")
-    if align:
-        assert shared >= 0.6, f"aligned calls shared only {shared:.0%} of ticks: {sizes}"
-    else:  # the same callers cut from their first sample: the control that shows the difference
-        assert shared <= 0.3, f"unaligned calls shared {shared:.0%} of ticks: {sizes}"
+    return sizes
+
+
+async def test_real_time_calls_started_apart_share_the_engines_ticks(tiny_model_dir):
+    # Two callers whose audio starts 61 ms apart: far outside the engine's batch window.
+    # Cut on the shared step clock, their steps end together and one forward steps both; cut
+    # from their first sample (the control), they stay apart. An engine of their own: another
+    # test's open session would tick at its own phase. Its batch window covers two 20 ms frames:
+    # a step ends with the frame that holds its last sample, so calls cut on one clock are ready
+    # within a frame of each other, not together.
+    #
+    # Both modes, alternating, three calls each, pooled, and judged against each other: on this
+    # 2-core machine the loop now and then wakes a caller tens of ms late (the engine's threads
+    # share the cores), which costs aligned calls shared ticks and gives unaligned ones some; one
+    # 2 s call per mode against fixed bars (60% and 30%) failed about one run in four.
+    sizes: dict[bool, list[int]] = {True: [], False: []}
+    for trial in range(3):
+        for align in (True, False):
+            sizes[align] += await _share_of_ticks_stepping_both(tiny_model_dir, align, 2 * trial)
+    shared = {align: sum(n == 2 for n in s) / len(s) for align, s in sizes.items()}
+    print(
+        f"\nticks stepping both calls: aligned {shared[True]:.0%} of {len(sizes[True])}, "
+        f"unaligned {shared[False]:.0%} of {len(sizes[False])}"
+    )
+    assert shared[True] >= shared[False] + 0.4, (shared, sizes)
 
 
 async def test_a_burst_of_audio_after_the_slot_opened_is_fed_not_dropped(engine):

@@ -337,7 +337,7 @@ async def _talk_in_real_time(session: DuplexSession, start: float, seconds: floa
         session.push_audio_nowait(audio[i * frame : (i + 1) * frame], SAMPLE_RATE)
 
 
-async def _share_of_ticks_stepping_both(tiny_model_dir, align: bool, seed: int) -> list[int]:
+async def _tick_sizes_of_two_callers(tiny_model_dir, align: bool, seed: int) -> list[int]:
     """Two real-time callers 61 ms apart on an engine of their own; the engine's tick sizes."""
     engine = Engine(
         load_model(tiny_model_dir, device="cpu"), max_sessions=2, context=256, batch_window=0.04
@@ -363,10 +363,11 @@ async def _aligned_against_unaligned(model_dir) -> dict[bool, list[int]]:
     sizes: dict[bool, list[int]] = {True: [], False: []}
     for trial in range(3):
         for align in (True, False):
-            sizes[align] += await _share_of_ticks_stepping_both(model_dir, align, 2 * trial)
+            sizes[align] += await _tick_sizes_of_two_callers(model_dir, align, 2 * trial)
     return sizes
 
 
+@pytest.mark.integration  # a subprocess, in a unit file
 def test_real_time_calls_started_apart_share_the_engines_ticks(tiny_model_dir):
     # Two callers whose audio starts 61 ms apart: far outside the engine's batch window.
     # Cut on the shared step clock, their steps end together and one forward steps both; cut

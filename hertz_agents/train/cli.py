@@ -185,15 +185,19 @@ def _run_phase(args: argparse.Namespace, phase: str) -> int:
         # waits in: whatever ends the run after a Ctrl-C is the Ctrl-C.
         if not (isinstance(e, KeyboardInterrupt) or interrupted.seen):
             raise
-        print(
-            f"[rank {rank}] interrupted; continue with --resume from the last checkpoint",
-            file=sys.stderr,
-        )
+        _say(f"[rank {rank}] interrupted; continue with --resume from the last checkpoint")
         return 130
     finally:
         interrupted.restore()
     print(out)
     return 0
+
+
+def _say(line: str) -> None:
+    """Write ``line`` to stderr in one write: every rank shares the launcher's stderr, and
+    ``print`` writes a line's text and its newline apart, so two ranks' lines could interleave."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 
 
 class _InterruptOnce:

@@ -341,13 +341,18 @@ def echo_delay(caller: Caller, sent: np.ndarray) -> tuple[float, float]:
     return offset + best_lag * HOP / RATE, best
 
 
-def _dropouts(caller: Caller, sent: np.ndarray, delay: float) -> list[tuple[float, bool]]:
-    """(seconds, inside) for each run of near-digital silence where the echo should be loud.
+def _dropouts(caller: Caller, sent: np.ndarray, delay: float) -> list[tuple[float, str]]:
+    """(seconds, kind) for each run of near-digital silence where the echo should be loud.
 
-    A run of 5 ms blocks below -80 dBFS while the sent speech, delayed by ``delay``, is above
-    -40 dBFS. ``inside`` is True when what came back just before the run was sound: playback ran
-    dry in the middle of a burst. False when the silence had begun before the speech it covers:
-    a burst that started late (its onset latency), not a hole in it.
+    A run of 5 ms blocks below -80 dBFS while the sent speech, delayed by ``delay`` (the call's
+    typical delay; each burst has its own, within tens of ms), is above -40 dBFS. Its kind:
+
+    - ``"gap"``: sound just before and just after: playback ran dry in the middle of a burst
+      and went on where it stopped;
+    - ``"late start"``: the silence had begun before the speech it covers: a burst that began
+      later than the call's typical delay (its onset latency);
+    - ``"early end"``: sound before, silence after: a burst that ended sooner than the typical
+      delay puts its end (its own delay was shorter), not a hole in it.
     """
     heard = caller.recording()
     start = int(round((delay - (caller.first_heard_at - caller.said_from)) * RATE))
@@ -357,7 +362,7 @@ def _dropouts(caller: Caller, sent: np.ndarray, delay: float) -> list[tuple[floa
         expected[start : start + n] = sent[:n]
     loud = _envelope(expected) > 10 ** (-40 / 20)
     silent = _envelope(heard) < 10 ** (-80 / 20)
-    runs: list[tuple[float, bool]] = []
+    runs: list[tuple[float, str]] = []
     block = 0
     while block < len(loud):
         if not (loud[block] and silent[block]):
@@ -366,21 +371,31 @@ def _dropouts(caller: Caller, sent: np.ndarray, delay: float) -> list[tuple[floa
         first = block
         while block < len(loud) and loud[block] and silent[block]:
             block += 1
-        inside = first > 0 and not silent[first - 1]
-        runs.append(((block - first) * HOP / RATE, inside))
+        if first == 0 or silent[first - 1]:
+            kind = "late start"
+        elif block < len(silent) and not silent[block]:
+            kind = "gap"
+        else:
+            kind = "early end"
+        runs.append(((block - first) * HOP / RATE, kind))
     return runs
 
 
 def gaps_in_speech(caller: Caller, sent: np.ndarray, delay: float) -> list[float]:
-    """Lengths (s) of the holes inside the agent's bursts: silence after sound, where the echo
+    """Lengths (s) of the holes inside the agent's bursts: silence between sound, where the echo
     should be loud (an output queue that ran dry)."""
-    return [seconds for seconds, inside in _dropouts(caller, sent, delay) if inside]
+    return [seconds for seconds, kind in _dropouts(caller, sent, delay) if kind == "gap"]
 
 
 def late_starts(caller: Caller, sent: np.ndarray, delay: float) -> list[float]:
     """How much later than the call's typical delay each late burst began (s); latency, which
     the per-window delays measure, not a gap."""
-    return [seconds for seconds, inside in _dropouts(caller, sent, delay) if not inside]
+    return [seconds for seconds, kind in _dropouts(caller, sent, delay) if kind == "late start"]
+
+
+def early_ends(caller: Caller, sent: np.ndarray, delay: float) -> list[float]:
+    """How much sooner than the call's typical delay each early burst ended (s); not a gap."""
+    return [seconds for seconds, kind in _dropouts(caller, sent, delay) if kind == "early end"]
 
 
 def window_delays(caller: Caller, sent: np.ndarray, *, window_s: float = 1.0) -> list[float]:

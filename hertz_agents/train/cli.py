@@ -194,8 +194,11 @@ def _run_phase(args: argparse.Namespace, phase: str) -> int:
 
 
 def _say(line: str) -> None:
-    """Write ``line`` to stderr in one write: every rank shares the launcher's stderr, and
-    ``print`` writes a line's text and its newline apart, so two ranks' lines could interleave."""
+    """Write ``line`` and its newline to stderr in one write.
+
+    Every rank shares the launcher's stderr, and ``print`` writes a line's text and its newline
+    apart, so two ranks' lines could interleave.
+    """
     sys.stderr.write(line + "\n")
     sys.stderr.flush()
 

@@ -145,6 +145,29 @@ def test_engine_full_and_slots_are_freed(model):
         engine.close()
 
 
+def test_a_tick_waits_for_a_step_that_comes_after_its_due_time(model):
+    """A real-time caller's step comes a few ms either side of its due time (one step after its
+    last); a tick holds, at most the batch window, until it is there, so both calls share it."""
+    engine = Engine(model, max_sessions=2, context=64, batch_window=1.0, stall_timeout=30.0)
+    try:
+        a = engine.open(lambda *_: None)
+        b = engine.open(lambda *_: None)  # its first step is due 125 ms from now
+        steps = _speechlike(2, 7)
+        time.sleep(max(0.0, b.next_due - 0.05 - time.monotonic()))
+        a.submit(steps[0])  # 50 ms before b's step is due
+        time.sleep(max(0.0, b.next_due + 0.06 - time.monotonic()))
+        b.submit(steps[1])  # 60 ms after it was due
+        deadline = time.monotonic() + 10
+        while sum(engine.tick_sizes) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        # waiting only until b's due time, a ticked alone and b after it: [1, 1]
+        assert list(engine.tick_sizes) == [2]
+        a.close()
+        b.close()
+    finally:
+        engine.close()
+
+
 def test_silent_caller_still_gets_model_audio(model):
     """With no caller input the engine steps on silence after the stall timeout, keeping time."""
     engine = Engine(model, max_sessions=1, context=64, stall_timeout=0.05)

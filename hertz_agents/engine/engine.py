@@ -280,12 +280,9 @@ class Engine:
                 self._wakeup.wait(timeout)
                 self._wakeup.clear()
                 continue
-            wait = self._wait_for_due(ready)
-            if wait > 0:
-                time.sleep(wait)  # sessions whose next step is due within the window join this tick
-                ready, _ = self._ready_handles()
-                if not ready:  # they closed meanwhile
-                    continue
+            ready = self._wait_for_due(ready)
+            if not ready:  # they closed meanwhile
+                continue
             try:
                 self._tick(self._take_inputs(ready))
             except Exception:  # never let one bad tick kill the engine thread
@@ -309,28 +306,41 @@ class Engine:
                     timeout = min(timeout, deadline - now)
         return ready, max(timeout, 0.001)
 
-    def _wait_for_due(self, ready: list[SlotHandle]) -> float:
-        """How long to hold a tick so that sessions due within ``batch_window`` can join it.
+    def _wait_for_due(self, ready: list[SlotHandle]) -> list[SlotHandle]:
+        """Hold a tick (at most ``batch_window``) for sessions due within that window to join it.
 
         A session's next step is due one step after its last one was complete; real-time callers
-        deliver close to that. Waiting for those due soon batches near-aligned sessions at a
-        bounded cost (at most ``batch_window`` of latency); sessions far out of phase are not
-        waited for (they get their own tick, which is cheap when the engine is not busy, and
-        under load ticks take long enough that everyone ready meanwhile shares the next one).
+        deliver close to that, a few ms either side (their frames, the event loop). The tick
+        waits until every session due within the window has its step or the window is over,
+        whichever comes first, woken by each step that arrives: near-aligned sessions batch at
+        a bounded cost (at most ``batch_window`` of latency), and a step that comes a little
+        after its due time still joins. Sessions far out of phase are not waited for (they get
+        their own tick, which is cheap when the engine is not busy, and under load ticks take
+        long enough that everyone ready meanwhile shares the next one). Returns who is ready.
         """
         if self.batch_window <= 0:
-            return 0.0
+            return ready
         now = time.monotonic()
+        deadline = now + self.batch_window
         waiting = {id(h) for h in ready}
+        # a step more than a window past its due time is not about to come (a muted caller)
         due = [
-            h.next_due
+            h
             for h in self._handles
             if h is not None
             and not h.closed
             and id(h) not in waiting
-            and h.next_due <= now + self.batch_window
+            and now - self.batch_window <= h.next_due <= deadline
         ]
-        return min(max(due) - now + 0.001, self.batch_window) if due else 0.0
+        while due and (now := time.monotonic()) < deadline:
+            if all(h.inbox or h.closed for h in due):
+                break
+            self._wakeup.wait(deadline - now)
+            self._wakeup.clear()
+        if not due:
+            return ready
+        ready, _ = self._ready_handles()
+        return ready
 
     @staticmethod
     def _take_inputs(ready: list[SlotHandle]) -> list[tuple[SlotHandle, np.ndarray | None, float]]:

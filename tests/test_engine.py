@@ -168,6 +168,28 @@ def test_a_tick_waits_for_a_step_that_comes_after_its_due_time(model):
         engine.close()
 
 
+def test_a_tick_does_not_wait_for_a_caller_long_past_due(model):
+    """A muted caller (no frames at all) is more than a batch window past due: the other call's
+    tick does not wait for it. Waiting would hold it the whole window (1 s here)."""
+    engine = Engine(model, max_sessions=2, context=64, batch_window=1.0, stall_timeout=30.0)
+    try:
+        answered = []
+        a = engine.open(lambda *_: answered.append(time.monotonic()))
+        muted = engine.open(lambda *_: None)
+        time.sleep(max(0.0, muted.next_due + 1.2 - time.monotonic()))
+        submitted = time.monotonic()
+        a.submit(_speechlike(1, 8)[0])
+        deadline = submitted + 10
+        while not answered and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert answered and answered[0] - submitted < 0.5, "the tick waited for the muted caller"
+        assert list(engine.tick_sizes) == [1]
+        a.close()
+        muted.close()
+    finally:
+        engine.close()
+
+
 def test_silent_caller_still_gets_model_audio(model):
     """With no caller input the engine steps on silence after the stall timeout, keeping time."""
     engine = Engine(model, max_sessions=1, context=64, stall_timeout=0.05)

@@ -332,13 +332,11 @@ class Engine:
             and id(h) not in waiting
             and now - self.batch_window <= h.next_due <= deadline
         ]
-        while due and (now := time.monotonic()) < deadline:
-            if all(h.inbox or h.closed for h in due):
-                break
-            self._wakeup.wait(deadline - now)
-            self._wakeup.clear()
         if not due:
             return ready
+        while (now := time.monotonic()) < deadline and not all(h.inbox or h.closed for h in due):
+            self._wakeup.wait(deadline - now)
+            self._wakeup.clear()
         ready, _ = self._ready_handles()
         return ready
 

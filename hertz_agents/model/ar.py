@@ -67,11 +67,13 @@ class HertzAR(nn.Module):
         *,
         heads: tuple[int, ...] | None = None,
         length: int | None = None,
+        visible: Tensor | None = None,
     ) -> tuple[Tensor, ...]:
         """Logits of the channels in ``heads`` (all when None; ``()`` for none: a prefill).
 
         ``last_only`` projects only the last position (the step case). ``cache`` is a view of
-        the rows being stepped; attention reads its first ``length`` positions.
+        the rows being stepped; attention reads its first ``length`` positions. Without a
+        cache, ``visible`` [T, T] (True: key j visible to query i) replaces the causal mask.
         """
         if self.split:
             first, second = latents.chunk(2, dim=-1)
@@ -81,7 +83,9 @@ class HertzAR(nn.Module):
         if positions is None:
             positions = default_positions(x)
         for i, layer in enumerate(self.layers):
-            x = layer(x, positions, None if cache is None else cache.layer(i), length)
+            x = layer(
+                x, positions, None if cache is None else cache.layer(i), length, visible=visible
+            )
         if last_only:
             x = x[:, -1:]
         all_heads = (self.output, self.output2) if self.split else (self.output,)

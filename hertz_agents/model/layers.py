@@ -6,7 +6,8 @@ Parameter names follow the official checkpoints one to one (``attn.attn.proj_qkv
 Every block runs in two modes:
 
 * one pass (``cache=None``): causal attention over the whole sequence, used for training and
-  for the parity tests;
+  for the parity tests, or attention through a given ``visible`` mask (a window that slides, a
+  pinned prefix), which scores in one pass what a cache that drops old keys would see;
 * cached (``cache`` given): the new positions' keys and values are written into a preallocated
   :class:`~hertz_agents.model.kv_cache.LayerCache` at each row's own position, and attention reads
   the first ``length`` positions of the cache (the live context, bucketed by the caller so each
@@ -92,12 +93,17 @@ class Attention(nn.Module):
         positions: Tensor,
         cache: LayerCache | None = None,
         length: int | None = None,
+        *,
+        visible: Tensor | None = None,
     ) -> Tensor:
         """``x`` [B, T, dim] at ``positions`` [B, T] -> [B, T, dim].
 
         With a cache, attention reads its first ``length`` positions (all when None); every
-        row's positions must be below ``length``.
+        row's positions must be below ``length``. Without one, ``visible`` [T, T] (True: key j
+        is visible to query i) replaces the causal mask; only the one-pass path takes it.
         """
+        if visible is not None and cache is not None:
+            raise ValueError("visible is for the one-pass path (cache=None) only")
         b, t, _ = x.shape
         q_width, kv_width = self.heads * self.head_dim, self.kv_heads * self.head_dim
         q, k, v = self.proj_qkv(x).split((q_width, kv_width, kv_width), dim=-1)
@@ -109,7 +115,9 @@ class Attention(nn.Module):
 
         q = q.transpose(1, 2)  # [B, H, T, D]: the layout SDPA reads
         if cache is None:
-            k_all, v_all, mask, causal = k.transpose(1, 2), v.transpose(1, 2), None, True
+            k_all, v_all = k.transpose(1, 2), v.transpose(1, 2)
+            # None keeps SDPA's own causal path, so the default computes exactly what it did.
+            mask, causal = (None, True) if visible is None else (visible, False)
         else:
             cache.write(k, v, positions)
             live = cache.max_len if length is None else length
@@ -146,10 +154,16 @@ class PreNormAttention(nn.Module):
         self.attn = Attention(dim, heads, kv_heads, eps, rotary)
 
     def forward(
-        self, x: Tensor, positions: Tensor, cache: LayerCache | None, length: int | None
+        self,
+        x: Tensor,
+        positions: Tensor,
+        cache: LayerCache | None,
+        length: int | None,
+        *,
+        visible: Tensor | None = None,
     ) -> Tensor:
         """Return ``x`` plus attention over the normed ``x`` (see :class:`Attention`)."""
-        return x + self.attn(self.attn_norm(x), positions, cache, length)
+        return x + self.attn(self.attn_norm(x), positions, cache, length, visible=visible)
 
 
 class PreNormFFN(nn.Module):
@@ -187,9 +201,14 @@ class Block(nn.Module):
         positions: Tensor,
         cache: LayerCache | None = None,
         length: int | None = None,
+        *,
+        visible: Tensor | None = None,
     ) -> Tensor:
-        """Run the block on ``x`` [B, T, dim] at ``positions`` [B, T], reading/writing ``cache``."""
-        return self.ffnn(self.attn(x, positions, cache, length))
+        """Run the block on ``x`` [B, T, dim] at ``positions`` [B, T], reading/writing ``cache``.
+
+        ``visible`` [T, T]: the one-pass attention mask (see :class:`Attention`).
+        """
+        return self.ffnn(self.attn(x, positions, cache, length, visible=visible))
 
 
 def default_positions(x: Tensor) -> Tensor:

@@ -133,6 +133,7 @@ class Resynthesizer(nn.Module):
         codes: Tensor | None = None,
         length: int | None = None,
         batch_channels: bool = True,
+        visible: Tensor | None = None,
     ) -> list[GMMParams]:
         """``next_tokens`` [B, channels] (or None) -> a mixture per channel in ``channels``.
 
@@ -141,6 +142,8 @@ class Resynthesizer(nn.Module):
         next tokens. The per-channel layers share their weights, so the channels asked for run
         as one batch of ``B * len(channels)`` rows (``batch_channels=False``: one after the
         other, as the original does, which rounds each channel exactly as when it runs alone).
+        Without a cache, ``visible`` [T, T] (True: key j visible to query i) replaces the causal
+        mask in every layer.
         """
         if channels is None:
             channels = cache.channels if cache is not None else tuple(range(self.channels))
@@ -154,7 +157,11 @@ class Resynthesizer(nn.Module):
             positions = default_positions(x)
         for i in range(self.injection_layer):
             x = self.stack.layers[i](
-                x, positions, None if cache is None else cache.shared.layer(i), length
+                x,
+                positions,
+                None if cache is None else cache.shared.layer(i),
+                length,
+                visible=visible,
             )
 
         projections = (
@@ -171,10 +178,12 @@ class Resynthesizer(nn.Module):
             per_channel.append(x + projections[ch](code))
         if not batch_channels:
             return [
-                self._channel_tail([h], positions, cache, length, last_only, channel=n)[0]
+                self._channel_tail(
+                    [h], positions, cache, length, last_only, channel=n, visible=visible
+                )[0]
                 for n, h in enumerate(per_channel)
             ]
-        return self._channel_tail(per_channel, positions, cache, length, last_only)
+        return self._channel_tail(per_channel, positions, cache, length, last_only, visible=visible)
 
     def _channel_tail(
         self,
@@ -184,6 +193,7 @@ class Resynthesizer(nn.Module):
         length: int | None,
         last_only: bool,
         channel: int | None = None,
+        visible: Tensor | None = None,
     ) -> list[GMMParams]:
         """Run the per-channel layers and the mixture head for ``per_channel`` inputs as one batch.
 
@@ -195,7 +205,9 @@ class Resynthesizer(nn.Module):
         rows_positions = positions.repeat(count, 1) if count > 1 else positions
         for j in range(self.config.layers - self.injection_layer):
             layer_cache = None if cache is None else cache.split.layer(j, channel)
-            h = self.stack.layers[self.injection_layer + j](h, rows_positions, layer_cache, length)
+            h = self.stack.layers[self.injection_layer + j](
+                h, rows_positions, layer_cache, length, visible=visible
+            )
         if last_only:
             h = h[:, -1:]
         locs, scales, weights = self.io.mixture(self.out_norm(h))

@@ -268,7 +268,7 @@ def _tracebacks_but_livekits_publish_race(log: str) -> list[str]:
     """Log lines with a traceback, except one LiveKit's SDK logs on its own: a session closed
     while RoomIO was still publishing its track, so the SDK's handlers for the late
     ``local_track_published`` and ``local_track_subscribed`` events look the track up, find it
-    gone and raise KeyError (rtc 1.1.21's room.py; its other handlers already look up defensively)."""
+    gone and raise KeyError (rtc 1.1.21's room.py; its other handlers look up defensively)."""
     return [
         line
         for line in log.splitlines()

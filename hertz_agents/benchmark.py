@@ -1,8 +1,8 @@
 """Timing the engine's tick: B synthetic conversations stepped together, as ``bench`` reports.
 
 The steps may cross the context: every session then rolls over (the stepper prefills the kept
-window into a shadow cache over the ticks before), and ``rollovers`` and ``step_ms_max`` show
-what that costs the slowest tick.
+window into a shadow cache over the ticks before, or with ``rollover="ring"`` overwrites its
+oldest position), and ``rollovers`` and ``step_ms_max`` show what that costs the slowest tick.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ class BenchResult:
     steps: int
     start_position: int
     context: int
+    rollover: str  # "refill" or "ring" (hertz_agents.engine.stepper)
     step_ms_median: float
     step_ms_p90: float
     step_ms_p99: float
@@ -62,18 +63,23 @@ def bench_ticks(
     seed: int = 0,
     compile: bool | str = False,
     kv_dtype: torch.dtype | None = None,
+    rollover: str = "refill",
+    sink: int = 0,
 ) -> BenchResult:
     """Step ``sessions`` synthetic conversations (speech-like noise in) ``steps`` times, batched.
 
     All sessions start at ``start_position`` together (as sessions opened together do), so they
-    reach the context in the same tick: the worst case for a rollover.
+    reach the context in the same tick: the worst case for a rollover. A ring's positions keep
+    counting, so its ``start_position`` may be past the context (a call minutes in).
     """
     param = next(model.parameters())
     device, dtype = param.device, param.dtype
     context = min(context or usable_context(model.config), usable_context(model.config))
-    if not 0 <= start_position < context:
+    if start_position < 0 or (rollover != "ring" and start_position >= context):
         raise ValueError(f"the start position must be in 0..{context - 1} (the context)")
-    stepper = Stepper(model, sessions, context, kv_dtype=kv_dtype, compile=compile)
+    stepper = Stepper(
+        model, sessions, context, kv_dtype=kv_dtype, compile=compile, rollover=rollover, sink=sink
+    )
     for slot in range(sessions):  # measure at a given point of the call: cost must not grow
         stepper.jump_to(slot, start_position)
     rng = np.random.default_rng(seed)
@@ -99,6 +105,7 @@ def bench_ticks(
         steps=steps,
         start_position=start_position,
         context=context,
+        rollover=rollover,
         step_ms_median=p50,
         step_ms_p90=p90,
         step_ms_p99=p99,

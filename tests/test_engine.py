@@ -113,15 +113,18 @@ def _collect(
     return outputs, handle
 
 
-def test_call_three_times_the_context_keeps_going(model):
-    engine = Engine(model, max_sessions=2, context=16, keep=12)
+@pytest.mark.parametrize("rollover", ["refill", "ring"])
+def test_call_three_times_the_context_keeps_going(model, rollover):
+    engine = Engine(model, max_sessions=2, context=16, keep=12, rollover=rollover, sink=2)
     try:
         outputs, handle = _collect(engine, 48)
         assert len(outputs) == 48
         assert [info.step for _, info in outputs] == list(range(48))
         assert all(np.isfinite(a).all() and a.shape == (SAMPLES_PER_STEP,) for a, _ in outputs)
-        assert handle.position <= engine.context
-        assert engine.rollovers >= 2  # the window was re-prefilled, more than once
+        if rollover == "refill":  # the window was re-prefilled, more than once
+            assert handle.position <= engine.context and engine.rollovers >= 2
+        else:  # positions keep counting; the ring wrapped at 16 and after each lap of 14
+            assert handle.position > 40 and engine.rollovers >= 2
         handle.close()
     finally:
         engine.close()

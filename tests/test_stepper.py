@@ -162,3 +162,51 @@ def test_bench_command_crosses_the_context_and_reports_rollovers(tiny_model_dir)
     assert report["step_ms_max"] >= report["step_ms_median"]
     bad = subprocess.run(base + ["--context", "4"], capture_output=True, text=True)
     assert bad.returncode == 2 and "--context" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def _greedy(stepper: Stepper) -> Stepper:
+    for slot in range(stepper.table.slots):
+        stepper.set_sampling(slot, GREEDY)
+    return stepper
+
+
+def test_a_ring_is_the_refill_until_it_wraps_and_then_holds_no_shadow(model):
+    """Before the context fills, a ring cache is an ordinary cache: the same output bit for bit.
+    Past it the two differ (the ring keeps the last positions at their absolute positions, the
+    refill restarts at 0), the ring counts one rollover per lap, and it holds no shadow cache."""
+    context, keep, steps = 24, 16, 60
+    ring = _greedy(Stepper(model, 2, context, keep, rollover="ring", sink=4))
+    refill = _greedy(Stepper(model, 2, context, keep))
+    got, expected = _run(ring, steps), _run(refill, steps)
+    for a, b in zip(got[:context], expected[:context]):
+        assert torch.equal(a, b)
+    assert not torch.allclose(torch.stack(got[context:]), torch.stack(expected[context:]))
+    assert ring.position(0) == steps  # absolute positions keep counting
+    assert ring.rollovers == 2 * 2  # the context filled at 24, then a lap of 20 (sink 4) at 44
+    assert ring.table.shadow is None and ring.bytes_per_slot() < refill.bytes_per_slot()
+    assert model.ar.rotary.positions >= steps and model.resynthesizer.rotary.positions >= steps
+
+
+def test_a_ring_chunk_that_would_wrap_is_fed_one_position_at_a_time(model):
+    """Feeding several latents at once into a full ring would let a position see keys written
+    after it (they overwrite the ones it should see), so such a chunk is fed step by step: the
+    same as feeding it one latent at a time."""
+    latents = torch.randn(1, 30, 64, generator=torch.Generator().manual_seed(3))
+    one = torch.ones(1, dtype=torch.bool)
+    chunked = _greedy(Stepper(model, 1, 24, 16, rollover="ring", channels=(0, 1)))
+    single = _greedy(Stepper(model, 1, 24, 16, rollover="ring", channels=(0, 1)))
+    got, _ = chunked.advance(latents, one)
+    for i in range(30):
+        expected, _ = single.advance(latents[:, i : i + 1], one)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    assert chunked.position(0) == single.position(0) == 30
+
+
+def test_bench_measures_a_ring_far_past_the_context(model):
+    result = bench_ticks(model, 2, 12, warmup=1, context=16, start_position=100, rollover="ring")
+    assert result.rollover == "ring" and result.start_position == 100
+    assert result.rollovers == 2  # a lap of 16 ends at position 112
+    refill = bench_ticks(model, 2, 4, warmup=1, context=16)
+    assert result.bytes_per_session < refill.bytes_per_session  # no shadow cache
+    with pytest.raises(ValueError, match="start position"):
+        bench_ticks(model, 1, 2, context=16, start_position=100)

@@ -30,7 +30,8 @@ def add_command(commands) -> None:
         "--position",
         type=int,
         default=0,
-        help="start at this context position (cost must not grow)",
+        help="start at this context position (cost must not grow); with --rollover ring it "
+        "may be past the context",
     )
     p.add_argument(
         "--context",
@@ -40,6 +41,18 @@ def add_command(commands) -> None:
             "positions per session before it rolls over (default: the model's); "
             "the steps may cross it"
         ),
+    )
+    p.add_argument(
+        "--rollover",
+        choices=("refill", "ring"),
+        default="refill",
+        help="at the context: re-prefill the kept window (refill, default) or keep a ring cache",
+    )
+    p.add_argument(
+        "--sink",
+        type=int,
+        default=0,
+        help="with --rollover ring: the first positions of a call kept in its cache (default 0)",
     )
     p.add_argument(
         "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
@@ -67,12 +80,20 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     if args.sessions < 1 or args.steps < 1:
         raise HertzError("--sessions and --steps must be at least 1")
+    if args.sink and args.rollover != "ring":
+        raise HertzError("--sink keeps positions in a ring cache: add --rollover ring")
     if args.context is not None and args.context < 8:
         raise HertzError("--context must be at least 8 positions")
     model = load(args)
     try:
         result = bench_ticks(
-            model, args.sessions, args.steps, start_position=args.position, context=args.context
+            model,
+            args.sessions,
+            args.steps,
+            start_position=args.position,
+            context=args.context,
+            rollover=args.rollover,
+            sink=args.sink,
         )
     except ValueError as e:
         raise HertzError(str(e)) from e
@@ -90,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
         f"p99 {result.step_ms_p99:.1f} ms   max {result.step_ms_max:.1f} ms"
     )
     print(
-        f"  context {result.context} positions: "
+        f"  context {result.context} positions ({result.rollover}): "
         f"{result.rollovers} rollover(s) during the timed steps"
     )
     print(f"  real-time factor {result.rtf:.3f}: {verdict} with 8 steps/s")

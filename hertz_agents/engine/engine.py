@@ -104,6 +104,9 @@ class Engine:
     Inference options: ``compile`` compiles the whole tick (``fullgraph=True``; CUDA graphs on
     CUDA; a string picks the ``torch.compile`` backend); ``weights="int8"`` or ``"fp8"``
     quantizes the transformers' weights in place; ``kv_dtype=torch.int8`` quantizes the KV caches.
+    ``rollover="ring"`` keeps each call's last ``context`` positions in a ring cache (the first
+    ``sink`` pinned) instead of re-prefilling the kept window (see
+    :mod:`hertz_agents.engine.stepper`).
     """
 
     def __init__(
@@ -119,6 +122,8 @@ class Engine:
         compile: bool | str = False,
         weights: str | None = None,
         kv_dtype: torch.dtype | None = None,
+        rollover: str = "refill",
+        sink: int = 0,
     ) -> None:
         if model.config.codec.hop != SAMPLES_PER_STEP:
             raise ValueError(
@@ -133,7 +138,14 @@ class Engine:
         self.device, self.dtype = param.device, param.dtype
         # The stepper owns the step, positions and rollover; ``compile`` compiles its whole tick.
         self.stepper = Stepper(
-            model, max_sessions, context, keep, kv_dtype=kv_dtype, compile=compile
+            model,
+            max_sessions,
+            context,
+            keep,
+            kv_dtype=kv_dtype,
+            compile=compile,
+            rollover=rollover,
+            sink=sink,
         )
         self.table = self.stepper.table
         self.context, self.keep = self.stepper.context, self.stepper.keep

@@ -14,12 +14,22 @@ latent and decode it with the streaming decoder. Offline generation and the benc
 * **Attention reads the live context only**: the first ``length`` cache positions, ``length``
   the smallest bucket (powers of two, and the context) above every stepped row's position, so
   each bucket is one static shape (one compiled graph, one CUDA graph).
-* **Rollover without a stall.** When a call fills the context, the last ``keep`` latents are
-  re-prefilled at positions 0..keep-1 (rotary positions are absolute: keys cannot be shifted).
-  Instead of doing that in one tick, a shadow cache is filled with that window ``chunk``
-  positions at a time as its latents arrive (before the first rollover every ``chunk`` ticks,
-  after one about every tick), and the rollover tick only copies it into place. The result
-  equals the one-shot re-prefill up to float rounding (tested).
+* **Rollover without a stall**, two ways (``rollover``):
+
+  - ``"refill"`` (the default, the model's behaviour as trained): when a call fills the context,
+    the last ``keep`` latents are re-prefilled at positions 0..keep-1 (rotary positions are
+    absolute: keys cannot be shifted). Instead of doing that in one tick, a shadow cache is
+    filled with that window ``chunk`` positions at a time as its latents arrive (before the first
+    rollover every ``chunk`` ticks, after one about every tick), and the rollover tick only
+    copies it into place. The result equals the one-shot re-prefill up to float rounding
+    (tested). The fill costs compute: ``keep / (context - keep)`` positions per tick per call
+    from the first rollover on.
+  - ``"ring"``: the caches are rings (:meth:`~hertz_agents.model.kv_cache.KVCache.as_ring`):
+    positions stay absolute and keep counting, each new key overwrites the oldest, and the first
+    ``sink`` positions of the call stay pinned. Nothing is recomputed and no shadow cache is
+    held; attention always sees the last ``context - sink`` positions (and the sink). The rotary
+    table grows as calls pass it (:meth:`~hertz_agents.model.layers.Rotary.extend`). Its quality
+    against the refill is measured in ``benchmarks/rollover_quality.py``.
 * **Positions** live on the device (read by the compiled step) and in a host mirror that only
   the stepper writes, so scheduling never waits on the device.
 
@@ -41,6 +51,7 @@ from hertz_agents.config import usable_context
 from hertz_agents.engine.allocator import keep_freed_memory
 from hertz_agents.engine.slots import SlotTable, masked_assign
 from hertz_agents.model.hertz import Caches, HertzModel
+from hertz_agents.model.kv_cache import ring_index
 from hertz_agents.sampling import SamplingNoise, SamplingSettings, SamplingTensors
 
 if TYPE_CHECKING:
@@ -49,6 +60,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SMALLEST_BUCKET = 16
+ROLLOVERS = ("refill", "ring")
 
 
 def length_buckets(context: int) -> list[int]:
@@ -99,6 +111,8 @@ class Stepper:
             one after the other, each rounded exactly as when it runs alone).
         compile: ``torch.compile`` the tick, the advance and the shadow fill with
             ``fullgraph=True`` (CUDA graphs on CUDA); a backend name picks another backend.
+        rollover: ``"refill"`` or ``"ring"`` (see the module's docstring).
+        sink: with ``rollover="ring"``, the first positions of a call that stay in its cache.
     """
 
     def __init__(
@@ -112,7 +126,11 @@ class Stepper:
         kv_dtype: torch.dtype | None = None,
         compile: bool | str = False,
         batch_channels: bool = True,
+        rollover: str = "refill",
+        sink: int = 0,
     ) -> None:
+        if rollover not in ROLLOVERS:
+            raise ValueError(f"rollover must be one of {ROLLOVERS}, not {rollover!r}")
         limit = usable_context(model.config)
         self.context = min(context or limit, limit)
         self.keep = keep or (self.context * 3) // 4
@@ -138,9 +156,17 @@ class Stepper:
             self.device,
             self.dtype,
             channels=self.channels,
-            shadow_len=self.keep + self.chunk,
+            shadow_len=0 if rollover == "ring" else self.keep + self.chunk,
             kv_dtype=kv_dtype,
         )
+        self.ring, self.sink = rollover == "ring", sink
+        if self.ring:
+            if not 0 <= sink <= self.context // 2:
+                raise ValueError(
+                    f"sink ({sink}) must be between 0 and half the context "
+                    f"({self.context // 2} positions)"
+                )
+            self.table.caches.as_ring(sink)
         self.buckets = length_buckets(self.context)
         self.rollovers = 0
         self.fill_calls = 0  # shadow fill forwards so far
@@ -181,7 +207,8 @@ class Stepper:
         it could be.
         """
         self.table.set_position(slot, position)
-        self.table.shadow_filled[slot] = self._available(slot)
+        if not self.ring:
+            self.table.shadow_filled[slot] = self._available(slot)
 
     @torch.no_grad()
     def prefill(self, slot: int, latents: Tensor, next_tokens: Tensor) -> None:
@@ -232,6 +259,13 @@ class Stepper:
         [rows, len(channels)*latent] and tokens [rows, len(channels)].
         """
         rows, steps = latents.shape[:2]
+        if self.ring and steps > 1 and max(self.table.host_positions[:rows]) + steps > self.context:
+            # a chunk that wraps would overwrite keys its own earlier positions still see
+            out = None
+            for step in range(steps):
+                out = self.advance(latents[:, step : step + 1], active, sampling, generators)
+            assert out is not None
+            return out
         length, mask, noise, sampling = self._prepare(rows, steps, active, sampling, generators)
         out = self._advance(rows, length, mask, latents, noise, sampling)
         self._after(rows, steps, active)
@@ -249,10 +283,15 @@ class Stepper:
 
     def _prepare(self, rows: int, steps: int, active: Tensor, sampling, generators):
         t = self.table
-        for slot in range(rows):
-            if t.host_positions[slot] + steps > self.context:
-                self._rollover(slot)
-        length = bucket_for(max(t.host_positions[:rows]) + steps, self.buckets)
+        needed = max(t.host_positions[:rows]) + steps
+        if self.ring:
+            self._extend_rotary(needed)
+        else:
+            for slot in range(rows):
+                if t.host_positions[slot] + steps > self.context:
+                    self._rollover(slot)
+            needed = max(t.host_positions[:rows]) + steps
+        length = bucket_for(min(needed, self.context), self.buckets)
         c = self.model.config
         noise = SamplingNoise.draw(
             generators,
@@ -270,8 +309,12 @@ class Stepper:
     def _after(self, rows: int, steps: int, active: Tensor) -> None:
         t = self.table
         for slot in active.nonzero().flatten().tolist():
+            before = t.host_positions[slot]
             t.host_positions[slot] += steps
-        self._fill_shadows(rows)
+            if self.ring:
+                self.rollovers += self._laps(before + steps) - self._laps(before)
+        if not self.ring:
+            self._fill_shadows(rows)
 
     def _live_core(
         self,
@@ -312,7 +355,8 @@ class Stepper:
         t, steps = self.table, x.shape[1]
         positions = t.positions[:rows, None] + torch.arange(steps, device=x.device)  # [rows, T]
         batch = torch.arange(rows, device=x.device)[:, None]
-        t.history[batch, positions] = x.to(t.history.dtype)
+        index = ring_index(positions, self.sink, self.context) if self.ring else positions
+        t.history[batch, index] = x.to(t.history.dtype)
         next_latents, tokens = self.model.next_latents(
             x,
             positions,
@@ -328,6 +372,21 @@ class Stepper:
         return next_latents, tokens
 
     # -- rollover ---------------------------------------------------------------------------
+    def _laps(self, position: int) -> int:
+        """Times a ring has been overwritten whole by ``position`` (its rollovers)."""
+        if position < self.context:
+            return 0
+        return 1 + (position - self.context) // (self.context - self.sink)
+
+    def _extend_rotary(self, positions: int) -> None:
+        """Make both transformers' rotary tables cover ``positions`` (doubling, so it is rare).
+
+        A compiled step sees a new table as a new input: one recompile per doubling.
+        """
+        for rotary in (self.model.ar.rotary, self.model.resynthesizer.rotary):
+            if rotary.positions < positions:
+                rotary.extend(max(positions, 2 * rotary.positions))
+
     def _window_start(self) -> int:
         """History index of the first latent the next rollover keeps."""
         return self.context - self.keep

@@ -45,6 +45,11 @@ class Caches:
         self.ar.copy_prefix(slot, source.ar, length, source_slot)
         self.resynthesizer.copy_prefix(slot, source.resynthesizer, length, source_slot)
 
+    def as_ring(self, sink: int) -> None:
+        """Make both transformers' caches rings (see :meth:`KVCache.as_ring`)."""
+        self.ar.as_ring(sink)
+        self.resynthesizer.as_ring(sink)
+
     def nbytes_per_slot(self) -> int:
         """Return the bytes one slot takes in both transformers' caches."""
         return self.ar.nbytes_per_slot() + self.resynthesizer.nbytes_per_slot()

@@ -13,6 +13,12 @@ The networks never see slot numbers: whoever owns the slots hands them a view
 (:meth:`KVCache.rows`) of the rows being stepped, and the length of the context that is live
 (:class:`LayerCache` ``length``), a static number so each length bucket is one compiled shape.
 
+A cache can be a **ring** (:meth:`KVCache.as_ring`): positions stay absolute (rotary is applied
+before keys are stored, so attention stays relative) and position ``p`` is stored at
+:func:`ring_index`: the first ``sink`` positions are pinned, the others cycle through the rest.
+Once a row has passed the cache's length every stored position is one of its last ones, so the
+mask of the cached path (key ``j`` visible when ``j <= p``) holds as it is.
+
 ``dtype=torch.int8`` stores keys and values as int8 with one float scale per (head, position)
 (symmetric, absmax): a quarter of float32's bytes, half of bfloat16's. The live slice is
 dequantized on read (one copy of the live part, not of the whole cache).
@@ -26,13 +32,29 @@ from torch import Tensor
 INT8_MAX = 127.0
 
 
+def ring_index(positions: Tensor, sink: int, length: int) -> Tensor:
+    """Where absolute ``positions`` live in a ring of ``length`` slots, the first ``sink`` pinned.
+
+    Below ``length`` a position is its own index, so a ring that has not wrapped is an ordinary
+    cache.
+    """
+    cycling = sink + torch.remainder(positions - sink, length - sink)
+    return torch.where(positions < sink, positions, cycling)
+
+
 class LayerCache:
     """One layer's keys and values for the rows being stepped: ``[B, kv_heads, L, head_dim]``."""
 
     def __init__(
-        self, k: Tensor, v: Tensor, k_scale: Tensor | None = None, v_scale: Tensor | None = None
+        self,
+        k: Tensor,
+        v: Tensor,
+        k_scale: Tensor | None = None,
+        v_scale: Tensor | None = None,
+        ring_sink: int | None = None,
     ) -> None:
         self.k, self.v, self.k_scale, self.v_scale = k, v, k_scale, v_scale
+        self.ring_sink = ring_sink  # None: position p is stored at index p
 
     @property
     def max_len(self) -> int:
@@ -42,6 +64,8 @@ class LayerCache:
     def write(self, k_new: Tensor, v_new: Tensor, positions: Tensor) -> None:
         """Store ``k_new``/``v_new`` [B, T, H, D] at each row's ``positions`` [B, T]."""
         b, t, h, _ = k_new.shape
+        if self.ring_sink is not None:
+            positions = ring_index(positions, self.ring_sink, self.max_len)
         rows = torch.arange(b, device=positions.device)[:, None, None].expand(b, h, t)
         heads = torch.arange(h, device=positions.device)[None, :, None].expand(b, h, t)
         pos = positions[:, None, :].expand(b, h, t)
@@ -93,6 +117,15 @@ class KVCache:
             self.k_scale = [torch.ones(scale_shape, device=device) for _ in range(layers)]
             self.v_scale = [torch.ones(scale_shape, device=device) for _ in range(layers)]
         self.max_len, self.channels = max_len, channels
+        self.ring_sink: int | None = None
+
+    def as_ring(self, sink: int) -> None:
+        """Store positions past ``max_len`` in a ring, pinning the first ``sink`` (see module)."""
+        if not 0 <= sink < self.max_len - 1:
+            raise ValueError(
+                f"a ring's sink ({sink}) must leave room in its {self.max_len} positions"
+            )
+        self.ring_sink = sink
 
     def tensors(self) -> list[Tensor]:
         """Every tensor the cache owns (to copy, mark static for CUDA graphs, or count)."""
@@ -105,7 +138,7 @@ class KVCache:
         view.k, view.v = [t[:, start:end] for t in self.k], [t[:, start:end] for t in self.v]
         view.k_scale = None if self.k_scale is None else [t[:, start:end] for t in self.k_scale]
         view.v_scale = None if self.v_scale is None else [t[:, start:end] for t in self.v_scale]
-        view.max_len, view.channels = self.max_len, self.channels
+        view.max_len, view.channels, view.ring_sink = self.max_len, self.channels, self.ring_sink
         return view
 
     def layer(self, index: int, channel: int | None = None) -> LayerCache:
@@ -123,7 +156,7 @@ class KVCache:
         scales = (None, None)
         if self.k_scale is not None and self.v_scale is not None:
             scales = (view(self.k_scale[index]), view(self.v_scale[index]))
-        return LayerCache(view(self.k[index]), view(self.v[index]), *scales)
+        return LayerCache(view(self.k[index]), view(self.v[index]), *scales, self.ring_sink)
 
     def copy_prefix(self, slot: int, source: KVCache, length: int, source_slot: int = 0) -> None:
         """Copy positions ``0..length-1`` of ``source``'s ``source_slot`` into ``slot``."""

@@ -51,10 +51,17 @@ class GatedFFN(nn.Module):
 
 
 class Rotary(nn.Module):
-    """Rotary position embedding, rotate-half layout, computed in float32."""
+    """Rotary position embedding, rotate-half layout, computed in float32.
+
+    The table covers the model's ``seq_len`` positions as the original computes them (float32
+    angles, for parity). A ring KV cache keeps absolute positions, which run past it:
+    :meth:`extend` appends positions whose angles are computed in float64 before the float32
+    cosines, so a position hours into a call is as exact as position 10.
+    """
 
     def __init__(self, head_dim: int, max_len: int, theta: float) -> None:
         super().__init__()
+        self.head_dim, self.theta = head_dim, theta
         # Explicit CPU tensors: real values even when the model is built on the meta device.
         steps = torch.arange(0, head_dim, 2, dtype=torch.float32, device="cpu")
         freqs = 1.0 / (theta ** (steps / head_dim))
@@ -62,6 +69,24 @@ class Rotary(nn.Module):
         emb = torch.cat((angles, angles), dim=-1)  # [L, head_dim]
         self.register_buffer("cos", emb.cos(), persistent=False)
         self.register_buffer("sin", emb.sin(), persistent=False)
+
+    @property
+    def positions(self) -> int:
+        """Positions the table covers."""
+        return self.cos.shape[0]
+
+    def extend(self, positions: int) -> None:
+        """Grow the table to ``positions`` (no-op when it is long enough); old rows are kept."""
+        start = self.positions
+        if positions <= start:
+            return
+        steps = torch.arange(0, self.head_dim, 2, dtype=torch.float64)
+        freqs = 1.0 / (self.theta ** (steps / self.head_dim))
+        angles = torch.outer(torch.arange(start, positions, dtype=torch.float64), freqs)
+        emb = torch.cat((angles, angles), dim=-1)
+        like = {"device": self.cos.device, "dtype": self.cos.dtype}
+        self.cos = torch.cat((self.cos, emb.cos().to(**like)))
+        self.sin = torch.cat((self.sin, emb.sin().to(**like)))
 
     def forward(self, x: Tensor, positions: Tensor) -> Tensor:
         """Rotate ``x`` [B, T, H, D] at ``positions`` [B, T]."""

@@ -247,6 +247,11 @@ class ResynthesizerCache:
         self.shared.copy_prefix(slot, source.shared, length, source_slot)
         self.split.copy_prefix(slot, source.split, length, source_slot)
 
+    def as_ring(self, sink: int) -> None:
+        """Make both caches rings (see :meth:`KVCache.as_ring`)."""
+        self.shared.as_ring(sink)
+        self.split.as_ring(sink)
+
     def nbytes_per_slot(self) -> int:
         """Return the bytes one slot takes in both caches."""
         return self.shared.nbytes_per_slot() + self.split.nbytes_per_slot()

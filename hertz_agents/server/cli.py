@@ -51,6 +51,21 @@ def add_serve_command(commands) -> None:
         "--context", type=int, default=None, help="context steps per session (default: the model's)"
     )
     p.add_argument(
+        "--rollover",
+        choices=("refill", "ring"),
+        default="refill",
+        help="when a call fills its context: re-prefill its last 3/4 (refill, default, as the "
+        "model was trained) or keep a ring cache of its last positions (no recompute; "
+        "docs/engine.md)",
+    )
+    p.add_argument(
+        "--sink",
+        type=int,
+        default=0,
+        metavar="STEPS",
+        help="with --rollover ring: the first steps of each call kept in its cache (default 0)",
+    )
+    p.add_argument(
         "--max-input-backlog",
         type=int,
         default=4,
@@ -348,11 +363,15 @@ def run(args: argparse.Namespace) -> int:
 
         if not is_adapter_dir(adapter):
             raise HertzError(f"--adapter {adapter}: not a LoRA adapter (no {ADAPTER_CONFIG})")
+    if args.sink and args.rollover != "ring":
+        raise HertzError("--sink keeps positions in a ring cache: add --rollover ring")
     threads = engine_threads(args.threads)
     engine_options = {
         "max_sessions": args.max_sessions,
         "context": args.context,
         "max_input_backlog": args.max_input_backlog,
+        "rollover": args.rollover,
+        "sink": args.sink,
     }
     engine = start_engine(args, engine_options, list(prompts.values()), threads)
     try:

@@ -23,15 +23,20 @@ def _gpu_check():
 
 
 @pytest.mark.timeout(1500)  # tracing the whole tick takes minutes on a busy 2-core machine
-def test_compiled_tick_has_no_graph_breaks_and_no_recompiles_over_200_steps_and_rollovers():
+@pytest.mark.parametrize("rollover", ["refill", "ring"])
+def test_compiled_tick_has_no_graph_breaks_and_no_recompiles_over_200_steps_and_rollovers(
+    rollover,
+):
     torch._dynamo.reset()
     model = _gpu_check().random_model(_gpu_check().tiny_config(), "cpu", torch.float32)
     # The backend counts every graph dynamo hands it: a recompile or a graph break adds one.
     # (fullgraph=True also turns any graph break into an error.) Inductor would compile the
-    # same graphs; the counting backend keeps the test fast.
+    # same graphs; the counting backend keeps the test fast. The ring's rebases (its keys and
+    # positions turned back a lap) run outside the graph and must not change its inputs' shapes.
     counter = CompileCounter()
-    stepper = Stepper(model, 2, context=16, keep=12, compile=counter)
-    eager = Stepper(model, 2, context=16, keep=12)
+    options = {"context": 16, "keep": 12, "rollover": rollover, "sink": 2}
+    stepper = Stepper(model, 2, compile=counter, **options)
+    eager = Stepper(model, 2, **options)
     active = torch.ones(2, dtype=torch.bool)
     inputs = torch.randn(220, 2, 2000, generator=torch.Generator().manual_seed(0)) * 0.05
     gens = [torch.Generator().manual_seed(i) for i in range(2)]
@@ -43,8 +48,9 @@ def test_compiled_tick_has_no_graph_breaks_and_no_recompiles_over_200_steps_and_
         )
     assert stepper.rollovers >= 2
     warm, rollovers = counter.frame_count, stepper.rollovers
-    assert warm == 2  # the tick and the shadow fill, both at length 16
+    assert warm == (2 if rollover == "refill" else 1)  # the tick (and the shadow fill), length 16
     for i in range(20, 220):
         stepper.tick(2, active, inputs[i], None, gens)
-    assert stepper.rollovers - rollovers >= 2 * 49  # a rollover every 4 steps per session
+    # a refill every 4 steps per session; a ring's lap every 14, rebased after each
+    assert stepper.rollovers - rollovers >= 2 * (49 if rollover == "refill" else 14)
     assert counter.frame_count == warm

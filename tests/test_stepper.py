@@ -181,10 +181,31 @@ def test_a_ring_is_the_refill_until_it_wraps_and_then_holds_no_shadow(model):
     for a, b in zip(got[:context], expected[:context]):
         assert torch.equal(a, b)
     assert not torch.allclose(torch.stack(got[context:]), torch.stack(expected[context:]))
-    assert ring.position(0) == steps  # absolute positions keep counting
     assert ring.rollovers == 2 * 2  # the context filled at 24, then a lap of 20 (sink 4) at 44
+    assert ring.position(0) == steps - ring.lap  # rebased once it was a lap past the context
     assert ring.table.shadow is None and ring.bytes_per_slot() < refill.bytes_per_slot()
-    assert model.ar.rotary.positions >= steps and model.resynthesizer.rotary.positions >= steps
+
+
+def test_rebasing_a_ring_changes_nothing_but_its_positions(model):
+    """Turning a ring's keys and position back by a lap is a rotation: with no sink, the output
+    is the one of a ring whose positions kept counting, up to float rounding. (With a sink it is
+    not: the sink is then seen closer than it was.)"""
+    rebased = _greedy(Stepper(model, 2, 16, rollover="ring", channels=(0, 1)))
+    counting = _greedy(Stepper(model, 2, 16, rollover="ring", channels=(0, 1)))
+    counting._rebase_rings = lambda rows, steps: None  # type: ignore[method-assign]
+    for rotary in counting._rotaries():
+        rotary.extend(200)
+    got, expected = _run(rebased, 90, late=3), _run(counting, 90, late=3)
+    assert counting.position(0) == 90 and rebased.position(0) < 16 + 2 * rebased.lap
+    assert rebased.rollovers == counting.rollovers == 5 + 5
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
+    # the check can fail: keys not turned (only positions moved back) diverge
+    unturned = _greedy(Stepper(model, 2, 16, rollover="ring", channels=(0, 1)))
+    unturned._rebase = lambda slot: unturned.table.set_position(  # type: ignore[method-assign]
+        slot, unturned.position(slot) - unturned.lap
+    )
+    assert not torch.allclose(torch.stack(_run(unturned, 90, late=3)), torch.stack(expected))
 
 
 def test_a_ring_chunk_that_would_wrap_is_fed_one_position_at_a_time(model):

@@ -25,11 +25,15 @@ latent and decode it with the streaming decoder. Offline generation and the benc
     (tested). The fill costs compute: ``keep / (context - keep)`` positions per tick per call
     from the first rollover on.
   - ``"ring"``: the caches are rings (:meth:`~hertz_agents.model.kv_cache.KVCache.as_ring`):
-    positions stay absolute and keep counting, each new key overwrites the oldest, and the first
-    ``sink`` positions of the call stay pinned. Nothing is recomputed and no shadow cache is
-    held; attention always sees the last ``context - sink`` positions (and the sink). The rotary
-    table grows as calls pass it (:meth:`~hertz_agents.model.layers.Rotary.extend`). Its quality
-    against the refill is measured in ``benchmarks/rollover_quality.py``.
+    positions stay absolute, each new key overwrites the oldest, and the first ``sink``
+    positions of the call stay pinned. Nothing is recomputed and no shadow cache is held;
+    attention always sees the last ``context - sink`` positions (and the sink). So that positions
+    stay bounded (a static rotary table, no recompiles), a row that has gone a lap past the
+    context is **rebased**: its ring's keys are turned back by one lap (``context - sink``
+    positions, a rotation: attention depends only on differences of positions) and so is its
+    position; the sink is not turned, so it is always seen between one lap and the context plus
+    a lap away. One row is rebased per tick (a pass over its keys, no forward), the furthest
+    first. Its quality against the refill is measured in ``benchmarks/rollover_quality.py``.
 * **Positions** live on the device (read by the compiled step) and in a host mirror that only
   the stepper writes, so scheduling never waits on the device.
 
@@ -167,6 +171,12 @@ class Stepper:
                     f"({self.context // 2} positions)"
                 )
             self.table.caches.as_ring(sink)
+            self.lap = self.context - sink
+            # a row is rebased once it is a lap past the context, one row a tick: the table has
+            # a lap of margin for rows waiting their turn
+            self.rotary_positions = self.context + 2 * self.lap
+            for rotary in self._rotaries():
+                rotary.extend(self.rotary_positions)
         self.buckets = length_buckets(self.context)
         self.rollovers = 0
         self.fill_calls = 0  # shadow fill forwards so far
@@ -206,6 +216,8 @@ class Stepper:
         For timing: the caches hold whatever they held, and its shadow counts as filled as far as
         it could be.
         """
+        if self.ring and position >= self.context:  # the same place in the ring, rebased
+            position = self.context + (position - self.context) % self.lap
         self.table.set_position(slot, position)
         if not self.ring:
             self.table.shadow_filled[slot] = self._available(slot)
@@ -283,14 +295,13 @@ class Stepper:
 
     def _prepare(self, rows: int, steps: int, active: Tensor, sampling, generators):
         t = self.table
-        needed = max(t.host_positions[:rows]) + steps
         if self.ring:
-            self._extend_rotary(needed)
+            self._rebase_rings(rows, steps)
         else:
             for slot in range(rows):
                 if t.host_positions[slot] + steps > self.context:
                     self._rollover(slot)
-            needed = max(t.host_positions[:rows]) + steps
+        needed = max(t.host_positions[:rows]) + steps
         length = bucket_for(min(needed, self.context), self.buckets)
         c = self.model.config
         noise = SamplingNoise.draw(
@@ -372,20 +383,40 @@ class Stepper:
         return next_latents, tokens
 
     # -- rollover ---------------------------------------------------------------------------
+    def _rotaries(self):
+        return (self.model.ar.rotary, self.model.resynthesizer.rotary)
+
     def _laps(self, position: int) -> int:
-        """Times a ring has been overwritten whole by ``position`` (its rollovers)."""
+        """Laps a ring has begun by ``position`` (a rollover each).
+
+        Counted within a step, and rebases happen between steps.
+        """
         if position < self.context:
             return 0
-        return 1 + (position - self.context) // (self.context - self.sink)
+        return 1 + (position - self.context) // self.lap
 
-    def _extend_rotary(self, positions: int) -> None:
-        """Make both transformers' rotary tables cover ``positions`` (doubling, so it is rare).
+    def _rebase_rings(self, rows: int, steps: int) -> None:
+        """Turn back by a lap the furthest row that is a lap past the context.
 
-        A compiled step sees a new table as a new input: one recompile per doubling.
+        Also any row that would otherwise run out of rotary positions this step.
         """
-        for rotary in (self.model.ar.rotary, self.model.resynthesizer.rotary):
-            if rotary.positions < positions:
-                rotary.extend(max(positions, 2 * rotary.positions))
+        t = self.table
+        due = [s for s in range(rows) if t.host_positions[s] >= self.context + self.lap]
+        if not due:
+            return
+        furthest = max(due, key=lambda s: t.host_positions[s])
+        for slot in due:
+            if slot == furthest or t.host_positions[slot] + steps > self.rotary_positions:
+                self._rebase(slot)
+
+    def _rebase(self, slot: int) -> None:
+        """Move ``slot``'s ring keys and position back by one lap; its sink stays."""
+        caches = self.table.caches
+        ar_turn, resynth_turn = (rotary.turn(-self.lap) for rotary in self._rotaries())
+        caches.ar.turn_keys(slot, self.sink, *ar_turn)
+        caches.resynthesizer.shared.turn_keys(slot, self.sink, *resynth_turn)
+        caches.resynthesizer.split.turn_keys(slot, self.sink, *resynth_turn)
+        self.table.set_position(slot, self.table.host_positions[slot] - self.lap)
 
     def _window_start(self) -> int:
         """History index of the first latent the next rollover keeps."""

@@ -158,6 +158,26 @@ class KVCache:
             scales = (view(self.k_scale[index]), view(self.v_scale[index]))
         return LayerCache(view(self.k[index]), view(self.v[index]), *scales, self.ring_sink)
 
+    def turn_keys(self, slot: int, start: int, cos: Tensor, sin: Tensor) -> None:
+        """Rotate ``slot``'s keys from position ``start`` on by ``(cos, sin)`` [head_dim].
+
+        A ring's rebase (:class:`~hertz_agents.engine.stepper.Stepper`): keys are stored after
+        rotary, so moving them all by the same number of positions leaves attention as it was.
+        Int8 keys are dequantized, turned and quantized again.
+        """
+        for i, cache in enumerate(self.k):
+            keys = cache[:, slot, :, start:]  # [channels, kv_heads, positions, head_dim]
+            scale = None if self.k_scale is None else self.k_scale[i][:, slot, :, start:]
+            x = keys.float() if scale is None else keys.float() * scale
+            x1, x2 = x.chunk(2, dim=-1)
+            turned = x * cos + torch.cat((-x2, x1), dim=-1) * sin
+            if scale is None:
+                keys.copy_(turned.to(keys.dtype))
+            else:
+                step = turned.abs().amax(dim=-1, keepdim=True).clamp(min=1e-8) / INT8_MAX
+                scale.copy_(step)
+                keys.copy_((turned / step).round().clamp(-INT8_MAX, INT8_MAX).to(keys.dtype))
+
     def copy_prefix(self, slot: int, source: KVCache, length: int, source_slot: int = 0) -> None:
         """Copy positions ``0..length-1`` of ``source``'s ``source_slot`` into ``slot``."""
         for dst, src in zip(self.tensors(), source.tensors()):

@@ -56,7 +56,8 @@ class Rotary(nn.Module):
     The table covers the model's ``seq_len`` positions as the original computes them (float32
     angles, for parity). A ring KV cache keeps absolute positions, which run past it:
     :meth:`extend` appends positions whose angles are computed in float64 before the float32
-    cosines, so a position hours into a call is as exact as position 10.
+    cosines, so a far position is as exact as position 10, and :meth:`turn` gives the rotation
+    that moves a key by a number of positions.
     """
 
     def __init__(self, head_dim: int, max_len: int, theta: float) -> None:
@@ -75,15 +76,25 @@ class Rotary(nn.Module):
         """Positions the table covers."""
         return self.cos.shape[0]
 
+    def _angles(self, positions: Tensor) -> Tensor:
+        """Angles of ``positions`` (float64, [len, head_dim]), rotate-half layout."""
+        steps = torch.arange(0, self.head_dim, 2, dtype=torch.float64)
+        freqs = 1.0 / (self.theta ** (steps / self.head_dim))
+        angles = torch.outer(positions.to(torch.float64), freqs)
+        return torch.cat((angles, angles), dim=-1)
+
+    def turn(self, offset: int) -> tuple[Tensor, Tensor]:
+        """``(cos, sin)`` [head_dim] that move a rotated vector by ``offset`` positions."""
+        emb = self._angles(torch.tensor([offset]))[0]
+        like = {"device": self.cos.device, "dtype": torch.float32}
+        return emb.cos().to(**like), emb.sin().to(**like)
+
     def extend(self, positions: int) -> None:
         """Grow the table to ``positions`` (no-op when it is long enough); old rows are kept."""
         start = self.positions
         if positions <= start:
             return
-        steps = torch.arange(0, self.head_dim, 2, dtype=torch.float64)
-        freqs = 1.0 / (self.theta ** (steps / self.head_dim))
-        angles = torch.outer(torch.arange(start, positions, dtype=torch.float64), freqs)
-        emb = torch.cat((angles, angles), dim=-1)
+        emb = self._angles(torch.arange(start, positions))
         like = {"device": self.cos.device, "dtype": self.cos.dtype}
         self.cos = torch.cat((self.cos, emb.cos().to(**like)))
         self.sin = torch.cat((self.sin, emb.sin().to(**like)))

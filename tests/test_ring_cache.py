@@ -97,3 +97,25 @@ def test_the_rotary_table_extends_with_attention_still_relative():
         return (rq * rk).sum()
 
     torch.testing.assert_close(score(far + 7, far), score(7, 0), rtol=0, atol=1e-4)
+
+
+def test_turning_int8_keys_is_turning_the_float_keys_within_a_quantization_step():
+    """A rebase of int8 caches dequantizes, turns and quantizes again: the keys stay what the
+    float cache's turned keys are, within int8's rounding; the sink's keys do not move."""
+    from hertz_agents.model.kv_cache import KVCache
+    from hertz_agents.model.layers import Rotary
+
+    keys = torch.randn(1, 1, 12, 2, 16, generator=torch.Generator().manual_seed(2))
+    positions = torch.arange(12)[None]
+    exact, quantized = KVCache(1, 1, 12, 2, 16), KVCache(1, 1, 12, 2, 16, dtype=torch.int8)
+    for cache in (exact, quantized):
+        cache.layer(0).write(keys[0], keys[0], positions)
+    cos, sin = Rotary(16, 64, 10000.0).turn(-10)
+    for cache in (exact, quantized):
+        cache.turn_keys(0, 3, cos, sin)
+    turned, _ = exact.layer(0).read(12, torch.float32)
+    dequantized, _ = quantized.layer(0).read(12, torch.float32)
+    step = turned.abs().amax(-1, keepdim=True) / 127
+    assert ((dequantized - turned).abs() <= step).all()
+    torch.testing.assert_close(turned[:, :, :3], keys[0].transpose(1, 2)[:, :, :3])
+    assert not torch.allclose(turned[:, :, 3:], keys[0].transpose(1, 2)[:, :, 3:])

@@ -95,15 +95,17 @@ def checkpoint_blocks(net: HertzModel) -> None:
             cache: Any = None,
             length: int | None = None,
             *,
+            visible: Tensor | None = None,
             forward: Any = forward,
         ) -> Tensor:
-            # The block's own signature (x, positions, cache, length): the trunk passes all four
-            # positionally, so the bound forward must not be a positional parameter here.
+            # The block's own signature (x, positions, cache, length, *, visible): the trunk
+            # passes the first four positionally, so the bound forward must not be a positional
+            # parameter here.
             if cache is None and torch.is_grad_enabled():
                 return torch.utils.checkpoint.checkpoint(
-                    forward, x, positions, None, length, use_reentrant=False
+                    forward, x, positions, None, length, visible=visible, use_reentrant=False
                 )
-            return forward(x, positions, cache, length)
+            return forward(x, positions, cache, length, visible=visible)
 
         block.forward = run  # type: ignore[method-assign]
         block._checkpointed = True  # type: ignore[assignment]

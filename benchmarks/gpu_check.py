@@ -12,7 +12,8 @@ It reports, as one JSON object:
   largest batch that fits and keeps real time (from the measured ticks);
 * ``quantized``: the int8 weight-only (and FP8 where supported) tick, and int8 KV caches;
 * ``agreement``: bf16 on the GPU against fp32 on the CPU, a tiny configuration, same weights;
-* ``rollover``: the slowest tick of 8 sessions crossing the context together.
+* ``rollover``: the slowest tick of 8 sessions crossing the context together, with the refill
+  (shadow fill) and with the ring cache, and each one's bytes per session.
 
 ``--dry-run`` runs every part on the CPU with a tiny configuration and a few steps (CI runs it),
 so the script is known to work before a GPU is at hand.
@@ -171,10 +172,23 @@ def check(dry_run: bool) -> dict:
     }
     report["quantized"] = quantized_ticks(config, device, dtype, sizes, steps, warmup, position)
     report["agreement"] = agreement(dry_run)
-    stepper = Stepper(model, sizes[min(1, len(sizes) - 1)], context=64 if dry_run else None)
-    b = stepper.table.slots
-    times = time_ticks(stepper, b, steps + 4, warmup, stepper.context - 2)  # crosses the context
-    report["rollover"] = {"sessions": b, "rollovers": stepper.rollovers, **summary(times)}
+    report["rollover"] = {}
+    for rollover in ("refill", "ring"):
+        stepper = Stepper(
+            model,
+            sizes[min(1, len(sizes) - 1)],
+            context=64 if dry_run else None,
+            rollover=rollover,
+        )
+        b = stepper.table.slots
+        times = time_ticks(stepper, b, steps + 4, warmup, stepper.context - 2)  # crosses it
+        report["rollover"][rollover] = {
+            "sessions": b,
+            "rollovers": stepper.rollovers,
+            "bytes_per_session": stepper.bytes_per_slot(),
+            **summary(times),
+        }
+        del stepper
     return report
 
 

@@ -39,7 +39,9 @@ def test_gpu_check_dry_run_reports_every_part(tmp_path):
         < report["memory"]["1"]["bytes_per_session"]
     )
     assert report["agreement"]["token_agreement"] > 0.8
-    assert report["rollover"]["rollovers"] >= 2
+    refill, ring = report["rollover"]["refill"], report["rollover"]["ring"]
+    assert refill["rollovers"] >= 2 and ring["rollovers"] >= 2
+    assert ring["bytes_per_session"] < refill["bytes_per_session"]  # no shadow cache
 
 
 def test_gpu_check_without_a_gpu_says_so():

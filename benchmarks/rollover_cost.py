@@ -1,9 +1,10 @@
 """What a call's rollover costs the CPU: the refill (shadow fill) against the ring cache.
 
-Each measurement is ``hertz-agents bench`` with the default model in a fresh process; the two
-rollovers alternate for every spec in every round, so the machine's noise hits both alike. A
-spec is ``SESSIONS:POSITION:STEPS``; a position at or past the context is run for the ring only
-(the refill's positions never get there), and steps that cross the context show the rollover:
+Each measurement is ``hertz-agents bench`` with the default model at a 2048-position context
+(hertz-dev's; hertz-small is served at its own 128) in a fresh process; the two rollovers
+alternate for every spec in every round, so the machine's noise hits both alike. A spec is
+``SESSIONS:POSITION:STEPS``; a position at or past the context is run for the ring only (the
+refill's positions never get there), and steps that cross the context show the rollover:
 
     python benchmarks/rollover_cost.py --rounds 2 \
         --specs 32:50:100 32:1000:100 32:2040:300 16:2040:300 8:2040:300 32:20000:100
@@ -19,14 +20,14 @@ import sys
 import numpy as np
 
 ROLLOVERS = ("refill", "ring")
-CONTEXT = 2048  # the default model's
+CONTEXT = 2048  # hertz-dev's: the context whose cost this measures
 
 
 def bench(sessions: int, position: int, steps: int, threads: int, rollover: str) -> dict:
     """One ``hertz-agents bench`` run; its JSON."""
     command = [sys.executable, "-m", "hertz_agents.cli", "bench", "--model", "default", "--json"]
     command += ["--threads", str(threads), "--sessions", str(sessions), "--steps", str(steps)]
-    command += ["--position", str(position), "--rollover", rollover]
+    command += ["--position", str(position), "--rollover", rollover, "--context", str(CONTEXT)]
     done = subprocess.run(command, capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 

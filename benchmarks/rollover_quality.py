@@ -320,6 +320,8 @@ def main() -> None:
         print(f"\r[{time.perf_counter() - began:6.0f} s] {text:<70}", end="", file=sys.stderr)
 
     model = load_model(args.model, device="cpu", dtype=torch.float32).eval()
+    for rotary in (model.ar.rotary, model.resynthesizer.rotary):  # contexts past seq_len
+        rotary.extend(max(args.contexts))
     calls = []
     for n in range(args.conversations):
         progress(f"held-out call {n + 1}/{args.conversations}: synthesis and encoding")

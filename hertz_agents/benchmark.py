@@ -63,7 +63,7 @@ def bench_ticks(
     seed: int = 0,
     compile: bool | str = False,
     kv_dtype: torch.dtype | None = None,
-    rollover: str = "refill",
+    rollover: str | None = None,
     sink: int = 0,
 ) -> BenchResult:
     """Step ``sessions`` synthetic conversations (speech-like noise in) ``steps`` times, batched.
@@ -71,10 +71,12 @@ def bench_ticks(
     All sessions start at ``start_position`` together (as sessions opened together do), so they
     reach the context in the same tick: the worst case for a rollover. A ring's positions keep
     counting, so its ``start_position`` may be past the context (a call minutes in).
+    ``rollover``: the model's own by default (``config.serving.rollover``).
     """
     param = next(model.parameters())
     device, dtype = param.device, param.dtype
-    context = min(context or usable_context(model.config), usable_context(model.config))
+    context = context or usable_context(model.config)
+    rollover = rollover or model.config.serving.rollover
     if start_position < 0 or (rollover != "ring" and start_position >= context):
         raise ValueError(f"the start position must be in 0..{context - 1} (the context)")
     stepper = Stepper(

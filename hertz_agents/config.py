@@ -1,9 +1,10 @@
 """Configuration of every component, with the official sizes as defaults.
 
 A checkpoint directory may hold a ``config.json`` that overrides sizes:
-``{"split": bool, "codec": {...}, "ar": {...}, "resynthesizer": {...}, "quantizer": {...}}``.
-Each block takes the fields of the matching dataclass below; a missing block means the
-official size. The field names are those of the parity files in ``shared/reference``.
+``{"split": bool, "codec": {...}, "ar": {...}, "resynthesizer": {...}, "quantizer": {...},
+"serving": {...}}``. Each block takes the fields of the matching dataclass below; a missing block
+means the official size (and, for ``serving``, the original's way of serving it). The field
+names are those of the parity files in ``shared/reference``.
 """
 
 from __future__ import annotations
@@ -78,6 +79,7 @@ class TransformerConfig(_TransformerShape):
     latent_size: int = LATENT_DIM
     theta: float = 10_000
     eps: float = 1e-5
+    # Positions the model was trained on: the rotary table's length and the engine's context.
     seq_len: int = 2048
 
 
@@ -128,15 +130,37 @@ class QuantizerConfig:
         return size
 
 
+ROLLOVERS = ("refill", "ring")
+
+
+@dataclass(frozen=True)
+class ServingConfig:
+    """How the engine serves the model when its caller does not say (a property of the model).
+
+    ``rollover``: what happens when a call fills the context (``hertz_agents.engine.stepper``):
+    ``"refill"`` (the original's: re-prefill the last 3/4 of the context) or ``"ring"`` (a ring
+    KV cache, nothing recomputed). Each model's choice is measured for it (docs/engine.md):
+    hertz-small says ``"ring"``, which equals the refill's quality at its context and costs
+    nothing at a rollover.
+    """
+
+    rollover: str = "refill"
+
+    def __post_init__(self) -> None:
+        if self.rollover not in ROLLOVERS:
+            raise ValueError(f"serving.rollover must be one of {ROLLOVERS}, not {self.rollover!r}")
+
+
 @dataclass(frozen=True)
 class HertzConfig:
-    """The whole model: codec, quantizer, AR trunk and resynthesizer."""
+    """The whole model: codec, quantizer, AR trunk and resynthesizer, and how it is served."""
 
     split: bool = True
     codec: CodecConfig = field(default_factory=CodecConfig)
     ar: TransformerConfig = field(default_factory=TransformerConfig)
     resynthesizer: ResynthesizerConfig = field(default_factory=ResynthesizerConfig)
     quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
+    serving: ServingConfig = field(default_factory=ServingConfig)
 
     @property
     def channels(self) -> int:
@@ -150,7 +174,7 @@ class HertzConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, split: bool | None = None) -> HertzConfig:
         """Build a config from a ``config.json``-style dict; missing blocks keep official sizes."""
-        known = {"split", "codec", "ar", "resynthesizer", "quantizer"}
+        known = {"split", "codec", "ar", "resynthesizer", "quantizer", "serving"}
         unknown = set(data) - known
         if unknown:
             raise ValueError(
@@ -162,6 +186,7 @@ class HertzConfig:
             ("ar", TransformerConfig),
             ("resynthesizer", ResynthesizerConfig),
             ("quantizer", QuantizerConfig),
+            ("serving", ServingConfig),
         ):
             if name in data:
                 blocks[name] = _block(klass, name, data[name])
@@ -176,10 +201,10 @@ class HertzConfig:
 
 
 def usable_context(config: HertzConfig) -> int:
-    """Return the positions a conversation can use before it rolls over.
+    """Return the positions the model was trained on: the engine's default context.
 
-    Both transformers must cover them (their rotary tables are ``seq_len`` long). The one
-    definition of the context.
+    The shorter of the two transformers' ``seq_len`` (their rotary tables' length; a longer
+    context extends them, out of the model's training). The one definition of the context.
     """
     return min(config.ar.seq_len, config.resynthesizer.seq_len)
 

@@ -115,7 +115,8 @@ def _collect(
 
 @pytest.mark.parametrize("rollover", ["refill", "ring"])
 def test_call_three_times_the_context_keeps_going(model, rollover):
-    engine = Engine(model, max_sessions=2, context=16, keep=12, rollover=rollover, sink=2)
+    sink = 2 if rollover == "ring" else 0
+    engine = Engine(model, max_sessions=2, context=16, keep=12, rollover=rollover, sink=sink)
     try:
         outputs, handle = _collect(engine, 48)
         assert len(outputs) == 48

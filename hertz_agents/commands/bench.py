@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from hertz_agents.commands.common import add_model_options, load
+from hertz_agents.commands.common import add_model_options, check_sink, load
 
 
 def add_command(commands) -> None:
@@ -45,8 +45,9 @@ def add_command(commands) -> None:
     p.add_argument(
         "--rollover",
         choices=("refill", "ring"),
-        default="refill",
-        help="at the context: re-prefill the kept window (refill, default) or keep a ring cache",
+        default=None,
+        help="at the context: re-prefill the kept window (refill) or keep a ring cache (ring); "
+        "default: the model's (refill for hertz-dev, ring for hertz-small)",
     )
     p.add_argument(
         "--sink",
@@ -80,8 +81,7 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     if args.sessions < 1 or args.steps < 1:
         raise HertzError("--sessions and --steps must be at least 1")
-    if args.sink and args.rollover != "ring":
-        raise HertzError("--sink keeps positions in a ring cache: add --rollover ring")
+    check_sink(args)
     if args.context is not None and args.context < 8:
         raise HertzError("--context must be at least 8 positions")
     model = load(args)

@@ -177,3 +177,25 @@ def load_codec_of(args: argparse.Namespace):
     from hertz_agents.checkpoint import load_codec
 
     return load_codec(args.model, device=args.device, dtype=torch_dtype(args.dtype))
+
+
+def check_sink(args: argparse.Namespace) -> None:
+    """Refuse ``--sink`` unless the calls will have a ring cache (``--rollover`` or the model's).
+
+    Checked before the model loads, so a server says so at once instead of from its engine.
+    """
+    if not args.sink or args.rollover == "ring":
+        return
+    rollover = args.rollover
+    if rollover is None:
+        from hertz_agents.checkpoint import read_config, resolve_model_dir
+
+        try:
+            rollover = read_config(resolve_model_dir(args.model)[0])[0].serving.rollover
+        except (HertzError, ValueError, OSError):
+            return  # loading the model reports what is wrong with it
+    if rollover != "ring":
+        raise HertzError(
+            f"--sink keeps positions in a ring cache, and {args.model}'s calls would roll over "
+            f"by {rollover}: add --rollover ring"
+        )

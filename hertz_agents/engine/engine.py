@@ -106,7 +106,8 @@ class Engine:
     quantizes the transformers' weights in place; ``kv_dtype=torch.int8`` quantizes the KV caches.
     ``rollover="ring"`` keeps each call's last ``context`` positions in a ring cache (the first
     ``sink`` pinned) instead of re-prefilling the kept window (see
-    :mod:`hertz_agents.engine.stepper`).
+    :mod:`hertz_agents.engine.stepper`); by default the model's own choice
+    (``config.serving.rollover``).
     """
 
     def __init__(
@@ -122,7 +123,7 @@ class Engine:
         compile: bool | str = False,
         weights: str | None = None,
         kv_dtype: torch.dtype | None = None,
-        rollover: str = "refill",
+        rollover: str | None = None,
         sink: int = 0,
     ) -> None:
         if model.config.codec.hop != SAMPLES_PER_STEP:
@@ -149,6 +150,7 @@ class Engine:
         )
         self.table = self.stepper.table
         self.context, self.keep = self.stepper.context, self.stepper.keep
+        self.rollover = self.stepper.rollover
         self.max_sessions = max_sessions
         self.batch_window, self.stall_timeout = batch_window, stall_timeout
         self.max_input_backlog = max_input_backlog

@@ -16,7 +16,7 @@ latent and decode it with the streaming decoder. Offline generation and the benc
   each bucket is one static shape (one compiled graph, one CUDA graph).
 * **Rollover without a stall**, two ways (``rollover``):
 
-  - ``"refill"`` (the default, the model's behaviour as trained): when a call fills the context,
+  - ``"refill"`` (hertz-dev's default, the original's behaviour): when a call fills the context,
     the last ``keep`` latents are re-prefilled at positions 0..keep-1 (rotary positions are
     absolute: keys cannot be shifted). Instead of doing that in one tick, a shadow cache is
     filled with that window ``chunk`` positions at a time as its latents arrive (before the first
@@ -51,7 +51,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from hertz_agents.config import usable_context
+from hertz_agents.config import ROLLOVERS, usable_context
 from hertz_agents.engine.allocator import keep_freed_memory
 from hertz_agents.engine.slots import SlotTable, masked_assign
 from hertz_agents.model.hertz import Caches, HertzModel
@@ -64,7 +64,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SMALLEST_BUCKET = 16
-ROLLOVERS = ("refill", "ring")
 
 
 def length_buckets(context: int) -> list[int]:
@@ -106,7 +105,8 @@ class Stepper:
     Args:
         model: the model (two-channel for live ticks).
         slots: conversations held at once.
-        context: positions per conversation before a rollover (default: the model's usable context).
+        context: positions per conversation before a rollover (default: the model's training
+            length, ``seq_len``; a longer one is allowed, with a warning).
         keep: latents kept at a rollover (default 3/4 of the context).
         channels: channels whose predictions are computed (default: the model's own channel of a
             duplex model; offline generation passes all).
@@ -115,7 +115,9 @@ class Stepper:
             one after the other, each rounded exactly as when it runs alone).
         compile: ``torch.compile`` the tick, the advance and the shadow fill with
             ``fullgraph=True`` (CUDA graphs on CUDA); a backend name picks another backend.
-        rollover: ``"refill"`` or ``"ring"`` (see the module's docstring).
+        rollover: ``"refill"`` or ``"ring"`` (see the module's docstring); default: the model's
+            own (``config.serving.rollover``: ``"refill"`` for hertz-dev, ``"ring"`` for
+            hertz-small).
         sink: with ``rollover="ring"``, the first positions of a call that stay in its cache.
     """
 
@@ -130,13 +132,26 @@ class Stepper:
         kv_dtype: torch.dtype | None = None,
         compile: bool | str = False,
         batch_channels: bool = True,
-        rollover: str = "refill",
+        rollover: str | None = None,
         sink: int = 0,
     ) -> None:
+        rollover = rollover or model.config.serving.rollover
         if rollover not in ROLLOVERS:
             raise ValueError(f"rollover must be one of {ROLLOVERS}, not {rollover!r}")
-        limit = usable_context(model.config)
-        self.context = min(context or limit, limit)
+        if sink and rollover != "ring":
+            raise ValueError(
+                f"sink ({sink}) pins positions in a ring cache, and this stepper's rollover is "
+                f"{rollover!r}: pass rollover='ring' or no sink"
+            )
+        trained = usable_context(model.config)
+        self.context = context or trained
+        if self.context > trained:  # allowed (rotary positions extend), but out of training
+            log.warning(
+                "context %d is past the %d positions the model was trained on (seq_len): its "
+                "predictions there are out of its training (docs/engine.md)",
+                self.context,
+                trained,
+            )
         self.keep = keep or (self.context * 3) // 4
         if not 1 < self.keep < self.context:
             raise ValueError(
@@ -163,7 +178,9 @@ class Stepper:
             shadow_len=0 if rollover == "ring" else self.keep + self.chunk,
             kv_dtype=kv_dtype,
         )
-        self.ring, self.sink = rollover == "ring", sink
+        self.rollover, self.ring, self.sink = rollover, rollover == "ring", sink
+        for rotary in self._rotaries():
+            rotary.extend(self.context)
         if self.ring:
             if not 0 <= sink <= self.context // 2:
                 raise ValueError(

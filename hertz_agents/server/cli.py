@@ -53,10 +53,10 @@ def add_serve_command(commands) -> None:
     p.add_argument(
         "--rollover",
         choices=("refill", "ring"),
-        default="refill",
-        help="when a call fills its context: re-prefill its last 3/4 (refill, default, as the "
-        "model was trained) or keep a ring cache of its last positions (no recompute; "
-        "docs/engine.md)",
+        default=None,
+        help="when a call fills its context: re-prefill its last 3/4 (refill) or keep a ring "
+        "cache of its last positions (ring: no recompute; docs/engine.md); default: the "
+        "model's (refill for hertz-dev, ring for hertz-small)",
     )
     p.add_argument(
         "--sink",
@@ -363,8 +363,9 @@ def run(args: argparse.Namespace) -> int:
 
         if not is_adapter_dir(adapter):
             raise HertzError(f"--adapter {adapter}: not a LoRA adapter (no {ADAPTER_CONFIG})")
-    if args.sink and args.rollover != "ring":
-        raise HertzError("--sink keeps positions in a ring cache: add --rollover ring")
+    from hertz_agents.commands.common import check_sink
+
+    check_sink(args)
     threads = engine_threads(args.threads)
     engine_options = {
         "max_sessions": args.max_sessions,

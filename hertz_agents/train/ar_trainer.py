@@ -18,6 +18,7 @@ The result is one :class:`HertzModel` (codec + quantizer + trunk + resynthesizer
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from pathlib import Path
@@ -28,10 +29,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hertz_agents.checkpoint import load_model, save_model
-from hertz_agents.config import HertzConfig
+from hertz_agents.config import HertzConfig, usable_context
 from hertz_agents.lora import LoRAAdapters, save_adapter
 from hertz_agents.model.hertz import HertzModel
 from hertz_agents.model.resynthesizer import gmm_nll
+from hertz_agents.timing import SAMPLE_RATE, SAMPLES_PER_STEP
 from hertz_agents.train.checks import check_ar_recipe
 from hertz_agents.train.config import ARTrainConfig, RecipeError
 from hertz_agents.train.data import AudioSegmentDataset
@@ -115,9 +117,7 @@ def build_model(cfg: ARTrainConfig, log_info: bool = True) -> HertzModel:
                 t.data = t.data.clone()
         config = net.config
         if codec is not None and codec.config != config.codec:
-            config = HertzConfig(
-                config.split, codec.config, config.ar, config.resynthesizer, config.quantizer
-            )
+            config = dataclasses.replace(config, codec=codec.config)
             net.config = config
             net.codec = type(net.codec)(codec.config)
         if config.split != m.split:
@@ -131,13 +131,22 @@ def build_model(cfg: ARTrainConfig, log_info: bool = True) -> HertzModel:
             raise ValueError(
                 "model.codec_from is required when not starting from a full model (model.init_from)"
             )
-        config = HertzConfig(m.split, codec.config, cfg.ar, cfg.resynthesizer, cfg.quantizer)
+        config = HertzConfig(
+            m.split, codec.config, cfg.ar, cfg.resynthesizer, cfg.quantizer, cfg.serving
+        )
         net = HertzModel(config)
     if config.ar.vocab_size != config.quantizer.codebook_size:
         raise ValueError(
             f"ar.vocab_size {config.ar.vocab_size} != quantizer codebook "
             f"{config.quantizer.codebook_size} (the product of fsq_levels "
             f"{config.quantizer.fsq_levels})"
+        )
+    steps = int(cfg.data.segment_seconds * SAMPLE_RATE) // SAMPLES_PER_STEP
+    if steps > usable_context(config):
+        raise RecipeError(
+            f"data.segment_seconds ({cfg.data.segment_seconds} s, {steps} steps) is longer than "
+            f"the model's context ({usable_context(config)} steps, seq_len): shorten the segments"
+            + ("" if m.init_from else ", or raise ar.seq_len and resynthesizer.seq_len")
         )
     if codec is not None:
         net.codec.load_state_dict(codec.state_dict())
@@ -303,7 +312,8 @@ class ARTask:
         # The recorded recipe describes the model saved: its own sizes, not the recipe's
         # tables (which init_from overrides).
         sizes = net.config.to_dict()
-        recipe = {**info["config"], **{k: sizes[k] for k in ("ar", "resynthesizer", "quantizer")}}
+        own = ("ar", "resynthesizer", "quantizer", "serving")
+        recipe = {**info["config"], **{k: sizes[k] for k in own}}
         info = {**info, "config": recipe}
         if self.adapters is not None:
             base = self.cfg.model.init_from or self.cfg.model.codec_from

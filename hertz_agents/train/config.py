@@ -2,7 +2,8 @@
 
 A recipe has one table per dataclass below. Unknown tables or keys are errors that name the
 known ones, so a typo never silently falls back to a default. Architecture tables take the
-fields of :mod:`hertz_agents.config` (``[codec]``, ``[ar]``, ``[resynthesizer]``, ``[quantizer]``).
+fields of :mod:`hertz_agents.config` (``[codec]``, ``[ar]``, ``[resynthesizer]``, ``[quantizer]``,
+``[serving]``).
 
     cfg = load_codec_config("hertz_agents/train/configs/small_codec.toml", ["optim.steps=10"])
 
@@ -21,7 +22,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from hertz_agents.config import CodecConfig, QuantizerConfig, ResynthesizerConfig, TransformerConfig
+from hertz_agents.config import (
+    CodecConfig,
+    QuantizerConfig,
+    ResynthesizerConfig,
+    ServingConfig,
+    TransformerConfig,
+)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -197,6 +204,7 @@ class ARTrainConfig:
     ar: TransformerConfig = field(default_factory=TransformerConfig)
     resynthesizer: ResynthesizerConfig = field(default_factory=ResynthesizerConfig)
     quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
+    serving: ServingConfig = field(default_factory=ServingConfig)
     loss: ARLossConfig = field(default_factory=ARLossConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
 

@@ -77,3 +77,15 @@ def test_rows_keep_separate_state(codec):
         together = codec.encode(audio)
         alone = torch.cat([codec.encode(audio[i : i + 1]) for i in range(2)], dim=0)
     assert_close(together, alone, rel=1e-6)
+
+
+def test_the_codecs_elu_is_torchs_elu_with_and_without_gradients():
+    from hertz_agents.codec.model import ELU
+
+    x = torch.cat((torch.linspace(-30, 30, 20001), torch.tensor([0.0, -0.0, -1e-30, 1e-30])))
+    with torch.no_grad():
+        torch.testing.assert_close(ELU()(x), torch.nn.functional.elu(x), rtol=0, atol=2e-7)
+    ours, theirs = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    ELU()(ours).sum().backward()  # the training path: torch's own, gradients included
+    torch.nn.functional.elu(theirs).sum().backward()
+    assert torch.equal(ours.grad, theirs.grad)

@@ -96,3 +96,14 @@ def test_the_command_line_refuses_a_sink_before_loading_a_refill_model(tiny_mode
         )
         assert done.returncode == 2, done.stderr
         assert "add --rollover ring" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_info_says_the_context_and_the_rollover():
+    done = subprocess.run(
+        [sys.executable, "-m", "hertz_agents.cli", "info", "--model", "default"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "context 128 steps (16 s), ring at a rollover" in done.stdout

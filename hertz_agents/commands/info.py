@@ -72,15 +72,17 @@ def _describe(name: str, md5: bool) -> None:
             if (directory / "config.json").exists()
             else "  official layout"
         )
+    from hertz_agents.config import usable_context
     from hertz_agents.model.hertz import HertzModel
     from hertz_agents.timing import STEPS_PER_SECOND
 
     split = "two-channel (duplex)" if config.split else "one-channel"
-    context_s = config.ar.seq_len / STEPS_PER_SECOND
+    context = usable_context(config)
     params_m = _params(HertzModel, config) / 1e6
     print(
         f"  {split}; {params_m:,.1f} M parameters; AR dim {config.ar.dim} x "
-        f"{config.ar.layers} layers, context {config.ar.seq_len} steps ({context_s:.0f} s)"
+        f"{config.ar.layers} layers, context {context} steps "
+        f"({context / STEPS_PER_SECOND:.0f} s), {config.serving.rollover} at a rollover"
     )
 
 

@@ -53,7 +53,8 @@ def add_command(commands) -> None:
         "--sink",
         type=int,
         default=0,
-        help="with --rollover ring: the first positions of a call kept in its cache (default 0)",
+        help="with a ring (--rollover ring or the model's): the first positions of a call kept "
+        "in its cache (default 0)",
     )
     p.add_argument(
         "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"

@@ -63,7 +63,8 @@ def add_serve_command(commands) -> None:
         type=int,
         default=0,
         metavar="STEPS",
-        help="with --rollover ring: the first steps of each call kept in its cache (default 0)",
+        help="with a ring (--rollover ring or the model's): the first steps of each call kept in "
+        "its cache (default 0)",
     )
     p.add_argument(
         "--max-input-backlog",

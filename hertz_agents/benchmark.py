@@ -76,12 +76,12 @@ def bench_ticks(
     param = next(model.parameters())
     device, dtype = param.device, param.dtype
     context = context or usable_context(model.config)
-    rollover = rollover or model.config.serving.rollover
-    if start_position < 0 or (rollover != "ring" and start_position >= context):
-        raise ValueError(f"the start position must be in 0..{context - 1} (the context)")
+    # the stepper resolves the rollover (the caller's, else the model's): one place decides
     stepper = Stepper(
         model, sessions, context, kv_dtype=kv_dtype, compile=compile, rollover=rollover, sink=sink
     )
+    if start_position < 0 or (not stepper.ring and start_position >= context):
+        raise ValueError(f"the start position must be in 0..{context - 1} (the context)")
     for slot in range(sessions):  # measure at a given point of the call: cost must not grow
         stepper.jump_to(slot, start_position)
     rng = np.random.default_rng(seed)
@@ -107,7 +107,7 @@ def bench_ticks(
         steps=steps,
         start_position=start_position,
         context=context,
-        rollover=rollover,
+        rollover=stepper.rollover,
         step_ms_median=p50,
         step_ms_p90=p90,
         step_ms_p99=p99,
